@@ -1,0 +1,371 @@
+"""X-LoRA configuration: what a mixture is made of and how it routes.
+
+This module is plain Python (no torch) so a mixture's config can be read, validated and shown
+without loading any weights. Every invalid value is rejected at construction with an
+:class:`~xlora_hub.errors.InvalidConfigError` that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidConfigError, UnsupportedFormatError
+
+FORMAT_VERSION = 1
+"""Version of the ``xlora_config.json`` layout written by this release."""
+
+CONFIG_NAME = "xlora_config.json"
+CLASSIFIER_WEIGHTS_NAME = "xlora_classifier.safetensors"
+
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _is_local_path_string(value: str) -> bool:
+    return (
+        value.startswith(("./", "../", "/", "~"))
+        or value in (".", "..")
+        or os.path.isabs(value)
+        or os.path.isdir(os.path.expanduser(value))
+    )
+
+
+@dataclass(frozen=True)
+class ExpertRef:
+    """Where a LoRA expert lives: a Hub repo (optionally pinned) or a local folder.
+
+    ``path`` is a local folder. When the ref is part of a saved mixture, a relative ``path`` is
+    relative to the mixture folder (for example ``experts/math``) and may not escape it.
+    """
+
+    repo_id: str | None = None
+    revision: str | None = None
+    subfolder: str | None = None
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.repo_id is None) == (self.path is None):
+            raise InvalidConfigError(
+                f"An expert reference needs exactly one of `repo_id` or `path` (got repo_id={self.repo_id!r}, "
+                f"path={self.path!r})."
+            )
+        for name in ("repo_id", "revision", "subfolder", "path"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidConfigError(f"Expert reference field `{name}` must be a non-empty string, got {value!r}.")
+        if self.path is not None and self.revision is not None:
+            raise InvalidConfigError(
+                f"Expert path {self.path!r} is a local folder: it cannot have a `revision` (only Hub repos do)."
+            )
+
+    @property
+    def is_hub(self) -> bool:
+        return self.repo_id is not None
+
+    @property
+    def is_pinned(self) -> bool:
+        """True when the ref names an exact commit, so it can never change under its users."""
+        return self.revision is not None and bool(_SHA_RE.match(self.revision))
+
+    @classmethod
+    def parse(cls, value: str | Mapping[str, Any] | ExpertRef) -> ExpertRef:
+        """Build a ref from ``owner/name[@revision][:subfolder]``, a local folder, or a dict.
+
+        A string that starts with ``./``, ``../``, ``/`` or ``~``, or names an existing folder, is a
+        local path. Anything else is a Hub repo id.
+        """
+        if isinstance(value, ExpertRef):
+            return value
+        if isinstance(value, Mapping):
+            unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise InvalidConfigError(
+                    f"Unknown field(s) {sorted(unknown)} in expert reference {dict(value)!r}; "
+                    "allowed: repo_id, revision, subfolder, path."
+                )
+            return cls(**dict(value))
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidConfigError(
+                f"Expert reference must be a Hub repo id, a local folder or a dict, got {value!r}. "
+                "Example: 'my-org/lora-math@main:adapters/math' or './experts/math'."
+            )
+        value = value.strip()
+        if _is_local_path_string(value):
+            return cls(path=value)
+        spec, subfolder = value, None
+        if ":" in spec:
+            spec, subfolder = spec.split(":", 1)
+            subfolder = subfolder.strip("/") or None
+        revision = None
+        if "@" in spec:
+            spec, revision = spec.split("@", 1)
+            if not revision:
+                raise InvalidConfigError(f"Expert reference {value!r} has an empty revision after '@'.")
+        if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", spec or ""):
+            raise InvalidConfigError(
+                f"Expert reference {value!r} is neither an existing local folder nor a valid Hub repo id "
+                "('owner/name', optionally '@revision' and ':subfolder'). For a local folder, start it with './'."
+            )
+        return cls(repo_id=spec, revision=revision, subfolder=subfolder)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return self.path
+        text = self.repo_id or ""
+        if self.revision:
+            text += f"@{self.revision}"
+        if self.subfolder:
+            text += f":{self.subfolder}"
+        return text
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """The base model a mixture was built on (Hub repo id or local path, plus the commit it was loaded at)."""
+
+    repo_id: str
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.repo_id, str) or not self.repo_id:
+            raise InvalidConfigError(f"`base_model.repo_id` must be a non-empty string, got {self.repo_id!r}.")
+        if self.revision is not None and (not isinstance(self.revision, str) or not self.revision):
+            raise InvalidConfigError(f"`base_model.revision` must be a non-empty string, got {self.revision!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+_BOOL_FIELDS = ("enable_softmax", "enable_softmax_topk", "layerwise_scalings", "use_trainable_adapters")
+_INT_FIELDS = ("xlora_depth", "xlora_size")
+_FLOAT_FIELDS = ("softmax_temperature", "xlora_dropout_p", "global_scaling_weight")
+
+
+@dataclass
+class XLoraConfig:
+    """Settings of an X-LoRA mixture. Field names and defaults follow ``peft.XLoraConfig``.
+
+    Args:
+        experts: ordered mapping of expert name (a Python identifier) to an :class:`ExpertRef`
+            or a string ``owner/name[@revision][:subfolder]`` / local folder.
+        base_model: the base model reference; filled from the model when ``None``.
+        hidden_size: hidden size of the base model; filled from the model when ``None``.
+        enable_softmax: softmax (with ``softmax_temperature``) over the classifier's logits.
+        enable_softmax_topk: softmax over the ``top_k_lora`` kept experts of each token.
+        softmax_temperature: lower gives sharper routing.
+        layerwise_scalings: one set of scalings per X-LoRA layer instead of one shared set.
+        top_k_lora: keep only the k largest scalings of each token (``None``: dense).
+        xlora_depth: number of linear layers in the classifier.
+        xlora_size: classifier hidden width (used when ``xlora_depth > 1``).
+        xlora_dropout_p: classifier dropout (used when ``xlora_depth > 1``).
+        use_trainable_adapters: train the experts too, not only the classifier.
+        scaling_pass_value: scaling of every expert in the scaling pass (``None``: 1/n_experts).
+        global_scaling_weight: multiplies every expert's output in the real pass.
+        layer_names: the ordered names of the X-LoRA layers; recorded when the model is built so
+            that a mismatch on load is an error rather than silent misrouting.
+    """
+
+    experts: dict[str, ExpertRef] = field(default_factory=dict)
+    base_model: BaseModelRef | None = None
+    hidden_size: int | None = None
+    enable_softmax: bool = True
+    enable_softmax_topk: bool = False
+    softmax_temperature: float = 1.0
+    layerwise_scalings: bool = False
+    top_k_lora: int | None = None
+    xlora_depth: int = 1
+    xlora_size: int = 2048
+    xlora_dropout_p: float = 0.2
+    use_trainable_adapters: bool = False
+    scaling_pass_value: float | None = 0.0
+    global_scaling_weight: float = 1.0
+    layer_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.experts = self._normalise_experts(self.experts)
+        if isinstance(self.base_model, str):
+            self.base_model = BaseModelRef(repo_id=self.base_model)
+        elif isinstance(self.base_model, Mapping):
+            self.base_model = BaseModelRef(**dict(self.base_model))
+        elif self.base_model is not None and not isinstance(self.base_model, BaseModelRef):
+            raise InvalidConfigError(
+                f"`base_model` must be a repo id, a dict or a BaseModelRef, got {type(self.base_model).__name__}."
+            )
+        self.validate()
+
+    @staticmethod
+    def _normalise_experts(experts: Any) -> dict[str, ExpertRef]:
+        if isinstance(experts, Mapping):
+            items = list(experts.items())
+        elif isinstance(experts, (list, tuple)):
+            items = []
+            for entry in experts:
+                if not isinstance(entry, Mapping) or "name" not in entry:
+                    raise InvalidConfigError(
+                        f"Each entry of `experts` given as a list must be a dict with a `name`, got {entry!r}."
+                    )
+                entry = dict(entry)
+                items.append((entry.pop("name"), entry))
+        else:
+            raise InvalidConfigError(
+                f"`experts` must map expert names to refs (dict) or be a list of dicts, got {type(experts).__name__}."
+            )
+        out: dict[str, ExpertRef] = {}
+        for name, ref in items:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise InvalidConfigError(
+                    f"Expert name {name!r} is not a valid identifier; use letters, digits and '_' "
+                    "(for example 'math' or 'code_v2')."
+                )
+            if name in out:
+                raise InvalidConfigError(f"Duplicate expert name {name!r}: every expert needs its own name.")
+            out[name] = ExpertRef.parse(ref)
+        return out
+
+    def validate(self, *, n_experts: int | None = None) -> None:
+        """Check every field; raise :class:`InvalidConfigError` naming the first bad one."""
+        n = len(self.experts) if n_experts is None else n_experts
+        if n == 0:
+            raise InvalidConfigError("An X-LoRA mixture needs at least one expert; `experts` is empty.")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidConfigError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidConfigError(f"`{name}` must be an integer, got {value!r}.")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidConfigError(f"`{name}` must be a number, got {value!r}.")
+        if self.hidden_size is not None and (
+            isinstance(self.hidden_size, bool) or not isinstance(self.hidden_size, int) or self.hidden_size <= 0
+        ):
+            raise InvalidConfigError(f"`hidden_size` must be a positive integer, got {self.hidden_size!r}.")
+        if self.xlora_depth <= 0:
+            raise InvalidConfigError(f"`xlora_depth` must be at least 1, got {self.xlora_depth}.")
+        if self.xlora_size <= 0:
+            raise InvalidConfigError(f"`xlora_size` must be at least 1, got {self.xlora_size}.")
+        if not 0.0 <= self.xlora_dropout_p < 1.0:
+            raise InvalidConfigError(f"`xlora_dropout_p` must be in [0, 1), got {self.xlora_dropout_p}.")
+        if self.softmax_temperature <= 0:
+            raise InvalidConfigError(
+                f"`softmax_temperature` must be > 0, got {self.softmax_temperature}; lower values give sharper routing."
+            )
+        if self.top_k_lora is not None:
+            if isinstance(self.top_k_lora, bool) or not isinstance(self.top_k_lora, int):
+                raise InvalidConfigError(f"`top_k_lora` must be an integer or null, got {self.top_k_lora!r}.")
+            if not 1 <= self.top_k_lora <= n:
+                raise InvalidConfigError(
+                    f"`top_k_lora` must be between 1 and the number of experts ({n}), got {self.top_k_lora}."
+                )
+        if self.enable_softmax_topk and self.top_k_lora is None:
+            raise InvalidConfigError("`enable_softmax_topk=True` needs `top_k_lora` to be set (for example 2).")
+        if self.scaling_pass_value is not None and (
+            isinstance(self.scaling_pass_value, bool) or not isinstance(self.scaling_pass_value, (int, float))
+        ):
+            raise InvalidConfigError(
+                f"`scaling_pass_value` must be a number or null (1/n_experts), got {self.scaling_pass_value!r}."
+            )
+        if self.layer_names is not None and (
+            not isinstance(self.layer_names, list) or not all(isinstance(x, str) for x in self.layer_names)
+        ):
+            raise InvalidConfigError("`layer_names` must be a list of module names (strings).")
+
+    # ------------------------------------------------------------------ convenience
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.experts)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    def resolved_scaling_pass_value(self) -> float:
+        """The value used in the scaling pass: ``scaling_pass_value`` or 1/n_experts when it is ``None``."""
+        return 1.0 / self.n_experts if self.scaling_pass_value is None else float(self.scaling_pass_value)
+
+    def replace(self, **changes: Any) -> XLoraConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ JSON round trip
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"format_version": FORMAT_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "experts":
+                value = [{"name": name, **ref.to_dict()} for name, ref in value.items()]
+            elif f.name == "base_model":
+                value = value.to_dict() if value is not None else None
+            elif f.name == "layer_names" and value is not None:
+                value = list(value)
+            data[f.name] = value
+        if self.layer_names is not None:
+            data["n_layers"] = len(self.layer_names)
+        data["n_experts"] = self.n_experts
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> XLoraConfig:
+        """Read a dict written by :meth:`to_dict`, with clear errors for unknown versions and bad fields."""
+        if not isinstance(data, Mapping):
+            raise InvalidConfigError(f"{source}: expected a JSON object, got {type(data).__name__}.")
+        data = dict(data)
+        version = data.pop("format_version", None)
+        if version is None:
+            raise InvalidConfigError(f"{source}: missing `format_version`; this is not an xlora-hub config.")
+        if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+            raise UnsupportedFormatError(
+                f"{source}: format_version {version!r} is not supported by this release of xlora-hub "
+                f"(it reads versions 1..{FORMAT_VERSION}); upgrade with `pip install -U xlora-hub`."
+            )
+        n_layers = data.pop("n_layers", None)
+        n_experts = data.pop("n_experts", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidConfigError(f"{source}: unknown field(s) {unknown}; was it written by a newer release?")
+        if "experts" not in data:
+            raise InvalidConfigError(f"{source}: missing required field `experts`.")
+        try:
+            config = cls(**data)
+        except InvalidConfigError as err:
+            raise InvalidConfigError(f"{source}: {err}") from None
+        except TypeError as err:
+            raise InvalidConfigError(f"{source}: {err}") from None
+        if n_experts is not None and n_experts != config.n_experts:
+            raise InvalidConfigError(f"{source}: `n_experts` is {n_experts} but {config.n_experts} experts are listed.")
+        if n_layers is not None and config.layer_names is not None and n_layers != len(config.layer_names):
+            raise InvalidConfigError(
+                f"{source}: `n_layers` is {n_layers} but {len(config.layer_names)} layer names are listed."
+            )
+        return config
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write ``xlora_config.json`` atomically (a temp file renamed in place)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json_string(), encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> XLoraConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise InvalidConfigError(f"{path}: not valid JSON ({err}).") from None
+        return cls.from_dict(data, source=str(path))

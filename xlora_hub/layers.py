@@ -1,0 +1,315 @@
+"""X-LoRA layers: every expert of one peft LoRA layer, weighted per token, in one stacked computation.
+
+Each wrapper takes the place of a peft ``LoraLayer`` in its parent module and re-registers that
+layer's children under the same names, so parameter names and state-dict keys stay exactly
+peft's (``q_proj.base_layer.weight``, ``q_proj.lora_A.<expert>.weight``) and the peft layer can be
+put back unchanged (:meth:`XLoraLayer.unwrap`).
+
+The LoRA factors of all experts are concatenated once (``A: [sum_r, in]``, ``B: [out, sum_r]``), so
+a layer costs two matrix products whatever the number of experts. The per-token scalings, each
+expert's ``alpha/r`` and the global weight are folded into one ``[.., sum_r]`` column multiplier.
+The concatenated copies are rebuilt only when a source weight changes (device move, load,
+in-place update); trainable experts and training-mode dropout take the per-expert path so
+gradients and dropout masks behave as in peft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from peft.tuners import lora
+from torch import nn
+
+from .errors import IncompatibleExpertError
+
+SUPPORTED_LORA_LAYERS = (lora.Linear, lora.Embedding, lora.Conv2d)
+
+
+@dataclass
+class RoutingState:
+    """The scalings of the pass being run, shared by every X-LoRA layer of one model.
+
+    The model sets it before a pass and clears it after (:meth:`XLoraModel._routing`): layers read
+    it, nothing registers hooks. ``scalings`` is ``[batch, seq, n_layers or 1, n_experts]`` with
+    top-k, the top-k softmax and the global weight already applied (``None``: experts are skipped,
+    which is exactly the base model).
+    """
+
+    scalings: torch.Tensor | None = None
+    layerwise: bool = False
+    expert_dtype_cast: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class _StackCache:
+    """Concatenated expert factors, rebuilt when any source tensor changes."""
+
+    __slots__ = ("key", "tensors")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.tensors: tuple[torch.Tensor, ...] = ()
+
+
+def _tensor_key(tensors: list[torch.Tensor]) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+
+class XLoraLayer(nn.Module):
+    """Base of the X-LoRA wrappers; see the module docstring."""
+
+    def __init__(
+        self,
+        lora_layer: lora.LoraLayer,
+        *,
+        layer_index: int,
+        expert_names: list[str],
+        routing: RoutingState,
+        module_name: str = "",
+    ) -> None:
+        super().__init__()
+        # The peft layer itself is not registered (its children are, under their own names).
+        object.__setattr__(self, "lora_layer", lora_layer)
+        object.__setattr__(self, "routing", routing)
+        for name, child in lora_layer.named_children():
+            self.add_module(name, child)
+        for name, param in lora_layer.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        self.layer_index = layer_index
+        self.module_name = module_name
+        adapters = self._adapter_keys()
+        self.local_experts = [name for name in expert_names if name in adapters]
+        for name in self.local_experts:
+            if lora_layer.use_dora.get(name, False) or name in getattr(lora_layer, "lora_variant", {}):
+                raise IncompatibleExpertError(
+                    f"Expert {name!r} uses DoRA (or another LoRA variant) on {module_name or type(lora_layer).__name__}; "
+                    "X-LoRA mixes plain LoRA experts only. Retrain it with `use_dora=False`."
+                )
+            if getattr(lora_layer, "lora_bias", {}).get(name, False):
+                raise IncompatibleExpertError(
+                    f"Expert {name!r} was trained with `lora_bias=True` on {module_name}; "
+                    "X-LoRA mixes LoRA experts without a bias on B. Retrain it with `lora_bias=False`."
+                )
+        ranks = [int(lora_layer.r[name]) for name in self.local_experts]
+        global_index = [expert_names.index(name) for name in self.local_experts]
+        col_expert = torch.repeat_interleave(torch.tensor(global_index, dtype=torch.long), torch.tensor(ranks))
+        col_scale = torch.repeat_interleave(
+            torch.tensor([float(lora_layer.scaling[name]) for name in self.local_experts], dtype=torch.float64),
+            torch.tensor(ranks),
+        )
+        self.register_buffer("col_expert", col_expert, persistent=False)
+        self.register_buffer("col_scale", col_scale, persistent=False)
+        self.global_index = global_index
+        self._stack = _StackCache()
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _adapter_keys(self) -> set[str]:
+        return set(self.lora_layer.lora_A.keys())
+
+    def _source_tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _build_stack(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _stacked(self) -> tuple[torch.Tensor, ...]:
+        sources = self._source_tensors()
+        key = _tensor_key(sources)
+        if self._stack.key != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._stack.tensors = tuple(t.detach().clone() for t in self._build_stack())
+            self._stack.key = key
+        return self._stack.tensors
+
+    def _use_loop(self) -> bool:
+        """Per-expert path: when experts train (gradients must reach their own weights) or dropout is live."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in self._source_tensors()):
+            return True
+        if self.training:
+            dropouts = self.lora_layer.lora_dropout if hasattr(self.lora_layer, "lora_dropout") else {}
+            return any(isinstance(dropouts[n], nn.Dropout) and dropouts[n].p > 0 for n in self.local_experts)
+        return False
+
+    def _layer_scalings(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[b, s, n_experts]`` scalings of this layer (broadcastable; top-k and global weight folded in)."""
+        scalings = self.routing.scalings
+        index = self.layer_index if scalings.shape[2] > 1 else 0
+        return scalings[:, :, index, :].to(dtype)
+
+    def _column_multiplier(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[b, s, sum_r]``: per-token scaling of each rank column, times the expert's alpha/r."""
+        scalings = self._layer_scalings(dtype)
+        return scalings.index_select(-1, self.col_expert) * self.col_scale.to(dtype)
+
+    def unwrap(self) -> lora.LoraLayer:
+        """The original peft layer, unchanged (its children are the same objects)."""
+        return self.lora_layer
+
+    def extra_repr(self) -> str:
+        return f"layer_index={self.layer_index}, experts={self.local_experts}"
+
+
+def _tokens_view(multiplier: torch.Tensor, x: torch.Tensor, module_name: str) -> torch.Tensor:
+    """Broadcast ``[b, s, R]`` multipliers to an input ``[b, s, in]`` or the flattened ``[b*s, in]`` some models use."""
+    if x.dim() == multiplier.dim():
+        return multiplier
+    lead = x.shape[:-1]
+    rows = multiplier.shape[0] * multiplier.shape[1]
+    if rows == 1:
+        return multiplier.reshape((1,) * len(lead) + multiplier.shape[-1:])
+    if rows == lead.numel():
+        return multiplier.reshape(*lead, multiplier.shape[-1])
+    raise RuntimeError(
+        f"X-LoRA layer {module_name!r} got an input of shape {tuple(x.shape)} but scalings for "
+        f"{multiplier.shape[0]}x{multiplier.shape[1]} tokens; the layer's tokens must match the model's input tokens."
+    )
+
+
+class XLoraLinear(XLoraLayer):
+    """X-LoRA over a peft ``lora.Linear`` (also GPT-2's ``Conv1D`` base layers)."""
+
+    def _source_tensors(self) -> list[torch.Tensor]:
+        layer = self.lora_layer
+        return [layer.lora_A[n].weight for n in self.local_experts] + [
+            layer.lora_B[n].weight for n in self.local_experts
+        ]
+
+    def _build_stack(self) -> tuple[torch.Tensor, ...]:
+        layer = self.lora_layer
+        a = torch.cat([layer.lora_A[n].weight for n in self.local_experts], dim=0)
+        b = torch.cat([layer.lora_B[n].weight for n in self.local_experts], dim=1)
+        return a, b
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.routing.scalings is None or not self.local_experts:
+            return result
+        layer = self.lora_layer
+        dtype = layer.lora_A[self.local_experts[0]].weight.dtype
+        xe = x.to(dtype)
+        multiplier = _tokens_view(self._column_multiplier(dtype), xe, self.module_name)
+        if self._use_loop():
+            delta = None
+            start = 0
+            for name in self.local_experts:
+                r = layer.lora_A[name].out_features
+                m = multiplier[..., start : start + r]
+                start += r
+                h = layer.lora_A[name](layer.lora_dropout[name](xe)) * m
+                out = layer.lora_B[name](h)
+                delta = out if delta is None else delta + out
+        else:
+            a, b = self._stacked()
+            delta = F.linear(F.linear(xe, a) * multiplier, b)
+        return result + delta.to(result.dtype)
+
+
+class XLoraEmbedding(XLoraLayer):
+    """X-LoRA over a peft ``lora.Embedding`` (experts on token embeddings)."""
+
+    def _adapter_keys(self) -> set[str]:
+        return set(self.lora_layer.lora_embedding_A.keys())
+
+    def _source_tensors(self) -> list[torch.Tensor]:
+        layer = self.lora_layer
+        return [layer.lora_embedding_A[n] for n in self.local_experts] + [
+            layer.lora_embedding_B[n] for n in self.local_experts
+        ]
+
+    def _build_stack(self) -> tuple[torch.Tensor, ...]:
+        layer = self.lora_layer
+        a_t = torch.cat([layer.lora_embedding_A[n].T for n in self.local_experts], dim=1)  # [num_emb, R]
+        b_t = torch.cat([layer.lora_embedding_B[n].T for n in self.local_experts], dim=0)  # [R, out]
+        return a_t, b_t
+
+    def _use_loop(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self._source_tensors())
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.routing.scalings is None or not self.local_experts:
+            return result
+        layer = self.lora_layer
+        dtype = layer.lora_embedding_A[self.local_experts[0]].dtype
+        multiplier = self._column_multiplier(dtype)
+        if x.dim() == 1:
+            multiplier = multiplier.reshape(-1, multiplier.shape[-1])
+        if self._use_loop():
+            a_t = torch.cat([layer.lora_embedding_A[n].T for n in self.local_experts], dim=1)
+            b_t = torch.cat([layer.lora_embedding_B[n].T for n in self.local_experts], dim=0)
+        else:
+            a_t, b_t = self._stacked()
+        delta = (layer._embed(x, a_t) * multiplier) @ b_t
+        embed_scale = layer._get_embed_scale() if hasattr(layer, "_get_embed_scale") else None
+        if embed_scale is not None:
+            delta = delta * embed_scale.to(delta.dtype)
+        return result + delta.to(result.dtype)
+
+
+class XLoraConv2d(XLoraLayer):
+    """X-LoRA over a peft ``lora.Conv2d``: one scaling vector per sample (sequence length 1)."""
+
+    def _source_tensors(self) -> list[torch.Tensor]:
+        layer = self.lora_layer
+        return [layer.lora_A[n].weight for n in self.local_experts] + [
+            layer.lora_B[n].weight for n in self.local_experts
+        ]
+
+    def _build_stack(self) -> tuple[torch.Tensor, ...]:
+        layer = self.lora_layer
+        a = torch.cat([layer.lora_A[n].weight for n in self.local_experts], dim=0)
+        b = torch.cat([layer.lora_B[n].weight for n in self.local_experts], dim=1)
+        return a, b
+
+    def _use_loop(self) -> bool:
+        return super()._use_loop() or self.base_layer.groups != 1
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.routing.scalings is None or not self.local_experts:
+            return result
+        layer = self.lora_layer
+        first_a = layer.lora_A[self.local_experts[0]]
+        dtype = first_a.weight.dtype
+        multiplier = self._column_multiplier(dtype)  # [b, s, R]
+        if multiplier.shape[1] != 1:
+            raise RuntimeError(
+                f"X-LoRA Conv2d layer {self.module_name!r} needs one scaling vector per sample, got scalings for "
+                f"{multiplier.shape[1]} positions."
+            )
+        multiplier = multiplier[:, 0, :, None, None]  # [b, R, 1, 1]
+        xe = x.to(dtype)
+        if self._use_loop():
+            delta = None
+            start = 0
+            for name in self.local_experts:
+                r = layer.lora_A[name].out_channels
+                h = layer.lora_A[name](layer.lora_dropout[name](xe)) * multiplier[:, start : start + r]
+                start += r
+                out = layer.lora_B[name](h)
+                delta = out if delta is None else delta + out
+        else:
+            a, b = self._stacked()
+            h = F.conv2d(xe, a, None, first_a.stride, first_a.padding, first_a.dilation, first_a.groups)
+            delta = F.conv2d(h * multiplier, b)
+        return result + delta.to(result.dtype)
+
+
+def wrap_lora_layer(
+    lora_layer: nn.Module, *, layer_index: int, expert_names: list[str], routing: RoutingState, module_name: str
+) -> XLoraLayer:
+    """Pick the X-LoRA wrapper for a peft LoRA layer (exact types: subclasses may change semantics)."""
+    if type(lora_layer) is lora.Linear:
+        cls: type[XLoraLayer] = XLoraLinear
+    elif type(lora_layer) is lora.Embedding:
+        cls = XLoraEmbedding
+    elif type(lora_layer) is lora.Conv2d:
+        cls = XLoraConv2d
+    else:
+        raise IncompatibleExpertError(
+            f"Module {module_name!r} is a {type(lora_layer).__name__}; X-LoRA supports LoRA on Linear, Conv1D, "
+            "Embedding and Conv2d layers. Retrain the expert without this module in `target_modules`."
+        )
+    return cls(lora_layer, layer_index=layer_index, expert_names=expert_names, routing=routing, module_name=module_name)
