@@ -74,7 +74,7 @@ class ExpertRef:
         return self.revision is not None and bool(_SHA_RE.match(self.revision))
 
     @classmethod
-    def parse(cls, value: str | Mapping[str, Any] | ExpertRef) -> ExpertRef:
+    def parse(cls, value: str | os.PathLike[str] | Mapping[str, Any] | ExpertRef) -> ExpertRef:
         """Build a ref from ``owner/name[@revision][:subfolder]``, a local folder, or a dict.
 
         A string that starts with ``./``, ``../``, ``/`` or ``~``, or names an existing folder, is a
@@ -82,6 +82,8 @@ class ExpertRef:
         """
         if isinstance(value, ExpertRef):
             return value
+        if isinstance(value, os.PathLike):
+            return cls(path=os.fspath(value))
         if isinstance(value, Mapping):
             unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
             if unknown:

@@ -152,7 +152,12 @@ class XLoraLayer(nn.Module):
 
 
 def _tokens_view(multiplier: torch.Tensor, x: torch.Tensor, module_name: str) -> torch.Tensor:
-    """Broadcast ``[b, s, R]`` multipliers to an input ``[b, s, in]`` or the flattened ``[b*s, in]`` some models use."""
+    """Broadcast ``[b, s, R]`` multipliers to the layer's input.
+
+    Most layers see ``[b, s, in]``; some models flatten tokens to ``[b*s, in]`` (OPT's fc1/fc2).
+    A layer that sees one vector per sample (``[b, in]``, e.g. BERT's pooler, which reads the first
+    token) uses the first token's scalings.
+    """
     if x.dim() == multiplier.dim():
         return multiplier
     lead = x.shape[:-1]
@@ -161,6 +166,8 @@ def _tokens_view(multiplier: torch.Tensor, x: torch.Tensor, module_name: str) ->
         return multiplier.reshape((1,) * len(lead) + multiplier.shape[-1:])
     if rows == lead.numel():
         return multiplier.reshape(*lead, multiplier.shape[-1])
+    if len(lead) == 1 and lead[0] == multiplier.shape[0]:
+        return multiplier[:, 0, :]
     raise RuntimeError(
         f"X-LoRA layer {module_name!r} got an input of shape {tuple(x.shape)} but scalings for "
         f"{multiplier.shape[0]}x{multiplier.shape[1]} tokens; the layer's tokens must match the model's input tokens."

@@ -62,6 +62,16 @@ def _hidden_size(model: nn.Module) -> int:
     )
 
 
+def _check_hidden_size(model: nn.Module, config: XLoraConfig) -> int:
+    hidden_size = _hidden_size(model)
+    if config.hidden_size is not None and config.hidden_size != hidden_size:
+        raise InvalidMixtureError(
+            f"The mixture was made for hidden size {config.hidden_size} but the base model "
+            f"({type(model).__name__}) has hidden size {hidden_size}: load it on its own base model."
+        )
+    return hidden_size
+
+
 def _base_model_ref(model: nn.Module) -> BaseModelRef | None:
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not name:
@@ -113,12 +123,7 @@ class XLoraModel(nn.Module):
         layer_names = [w.module_name for w in self.xlora_layers]
         if xlora_config.layer_names is not None and xlora_config.layer_names != layer_names:
             raise InvalidMixtureError(_layer_mismatch_message(xlora_config.layer_names, layer_names))
-        hidden_size = _hidden_size(model)
-        if xlora_config.hidden_size is not None and xlora_config.hidden_size != hidden_size:
-            raise InvalidMixtureError(
-                f"The mixture was made for hidden size {xlora_config.hidden_size} but the base model "
-                f"({type(model).__name__}) has hidden size {hidden_size}: load it on its own base model."
-            )
+        hidden_size = _check_hidden_size(model, xlora_config)
         self.xlora_config = xlora_config.replace(layer_names=layer_names, hidden_size=hidden_size)
         param = next(model.parameters())
         self.classifier = XLoraClassifier(
@@ -172,6 +177,7 @@ class XLoraModel(nn.Module):
             )
             for name, ref in config.experts.items()
         ]
+        _check_hidden_size(base_model, config)
         for expert in resolved:
             read_adapter_config(expert)
             check_expert_matches_model(expert, base_model)

@@ -1,0 +1,133 @@
+"""KV-cached generation: same tokens as without the cache, and as peft's X-LoRA (which runs uncached)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import VOCAB, copy_classifier_from_peft, peft_reference, save_expert, tiny_llama
+from transformers import DynamicCache
+
+from xlora_hub import XLoraCache, XLoraConfig, XLoraModel
+
+CONFIGS = {
+    "dense": {},
+    "topk": {"top_k_lora": 2, "enable_softmax_topk": True, "enable_softmax": False},
+    "layerwise": {"layerwise_scalings": True, "scaling_pass_value": None},
+}
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen-experts")
+    return [
+        save_expert(tiny_llama, root / "e0", target_modules=["q_proj", "v_proj"], r=4, seed=1, scale=0.5),
+        save_expert(tiny_llama, root / "e1", target_modules=["o_proj", "down_proj"], r=2, seed=2, scale=0.5),
+        save_expert(
+            tiny_llama, root / "e2", target_modules=["k_proj", "gate_proj", "embed_tokens"], r=6, seed=3, scale=0.5
+        ),
+    ]
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request, experts):
+    options = CONFIGS[request.param]
+    peft_options = dict(options)
+    scaling_pass_value = peft_options.pop("scaling_pass_value", 0.0)
+    reference = peft_reference(tiny_llama, experts, **peft_options)
+    reference.set_scaling_pass_value(scaling_pass_value)
+    with torch.no_grad():
+        for p in reference.base_model.internal_xlora_classifier.parameters():
+            p.copy_(torch.randn_like(p) * 2)
+    ours = XLoraModel.from_experts(
+        tiny_llama(), XLoraConfig(experts={"x": experts[0], "y": experts[1], "z": experts[2]}, **options)
+    )
+    copy_classifier_from_peft(ours, reference)
+    return reference, ours
+
+
+def _batch(kind):
+    if kind == "single":
+        return {
+            "input_ids": torch.tensor([[5, 17, 33, 9, 60, 71]]),
+            "attention_mask": torch.ones(1, 6, dtype=torch.long),
+        }
+    ids = torch.tensor([[0, 0, 0, 12, 40, 7], [0, 88, 3, 91, 45, 20], [14, 15, 16, 17, 18, 19]])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+GREEDY = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
+
+
+@pytest.mark.parametrize("kind", ["single", "left-padded"])
+def test_greedy_cached_equals_uncached_equals_peft(pair, kind):
+    reference, ours = pair
+    inputs = _batch(kind)
+    cached = ours.generate(**inputs, **GREEDY)
+    uncached = ours.generate(**inputs, **GREEDY, use_cache=False)
+    expected = reference.generate(**inputs, **GREEDY)
+    assert cached.tolist() == uncached.tolist() == expected.tolist()
+    with ours.disable_adapter():
+        base_tokens = ours.generate(**inputs, **GREEDY)
+    assert base_tokens.tolist() != cached.tolist()  # the experts matter for these prompts
+
+
+@pytest.mark.parametrize("kind", ["single", "left-padded"])
+def test_seeded_sampling_cached_equals_uncached(pair, kind):
+    _, ours = pair
+    inputs = _batch(kind)
+    settings = {"max_new_tokens": 8, "do_sample": True, "top_p": 0.9, "temperature": 0.8, "pad_token_id": 0}
+    torch.manual_seed(7)
+    cached = ours.generate(**inputs, **settings)
+    torch.manual_seed(7)
+    uncached = ours.generate(**inputs, **settings, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
+
+
+@pytest.mark.parametrize("kind", ["single", "left-padded"])
+def test_beam_search_cached_equals_uncached(pair, kind):
+    _, ours = pair
+    inputs = _batch(kind)
+    settings = {"max_new_tokens": 8, "num_beams": 2, "do_sample": False, "pad_token_id": 0}
+    assert ours.generate(**inputs, **settings).tolist() == ours.generate(**inputs, **settings, use_cache=False).tolist()
+
+
+def test_forward_by_hand_with_the_cache(pair):
+    _, ours = pair
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = ours(input_ids=ids, use_cache=False).logits
+        full_scalings = ours.get_latest_scalings()
+        first = ours(input_ids=ids[:, :7], use_cache=True)
+        cache = first.past_key_values
+        assert isinstance(cache, XLoraCache)
+        assert cache.get_seq_length() == 7 and cache.scaling_cache.get_seq_length() == 7
+        step = ours(input_ids=ids[:, 7:8], past_key_values=cache, use_cache=True)
+        assert ours.get_latest_scalings().shape == (2, 1, ours.n_layers, 3)
+        torch.testing.assert_close(ours.get_latest_scalings(), full_scalings[:, 7:8], atol=1e-5, rtol=0)
+        step2 = ours(input_ids=ids[:, 8:9], past_key_values=step.past_key_values, use_cache=True)
+    torch.testing.assert_close(step.logits[:, -1], full[:, 7], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step2.logits[:, -1], full[:, 8], atol=1e-5, rtol=0)
+
+
+def test_scalings_after_a_cached_generation_step(pair):
+    _, ours = pair
+    ours.enable_scalings_logging()
+    ours.clear_scalings_log()
+    inputs = _batch("left-padded")
+    ours.generate(**inputs, **GREEDY)
+    ours.disable_scalings_logging()
+    log = ours.get_scalings_log()
+    assert log[0].shape == (3, 6, ours.n_layers, 3)
+    assert all(t.shape == (3, 1, ours.n_layers, 3) for t in log[1:])
+    assert len(log) == GREEDY["max_new_tokens"]  # the prompt, then every fed-back token
+    assert ours.get_latest_scalings().shape == (3, 1, ours.n_layers, 3)
+
+
+def test_a_foreign_cache_is_refused(pair):
+    _, ours = pair
+    ids = torch.randint(3, VOCAB, (1, 4))
+    with torch.no_grad():
+        past = tiny_llama()(input_ids=ids, use_cache=True).past_key_values
+        assert isinstance(past, DynamicCache) and not isinstance(past, XLoraCache)
+        with pytest.raises(TypeError, match="X-LoRA needs an XLoraCache as `past_key_values`"):
+            ours(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
