@@ -218,6 +218,22 @@ def _module_io(module: nn.Module) -> tuple[str, int, int] | None:
     return None
 
 
+_LORA_MARKERS = (
+    (".lora_A.weight", "A"),
+    (".lora_B.weight", "B"),
+    (".lora_embedding_A", "eA"),
+    (".lora_embedding_B", "eB"),
+)
+
+
+def _split_lora_key(stem: str) -> tuple[str, str] | None:
+    """``model.layers.0.q_proj.lora_A.weight`` -> (``model.layers.0.q_proj``, ``"A"``); None for other tensors."""
+    for marker, axis in _LORA_MARKERS:
+        if stem.endswith(marker):
+            return stem[: -len(marker)], axis
+    return None
+
+
 def check_expert_matches_model(expert: ResolvedExpert, model: nn.Module) -> None:
     """Check the expert's tensors against the base model's modules: names exist and sizes agree."""
     modules = dict(model.named_modules())
@@ -226,17 +242,10 @@ def check_expert_matches_model(expert: ResolvedExpert, model: nn.Module) -> None
         for prefix in ("base_model.model.",):
             if stem.startswith(prefix):
                 stem = stem[len(prefix) :]
-        for marker, axis in (
-            (".lora_A.weight", "A"),
-            (".lora_B.weight", "B"),
-            (".lora_embedding_A", "eA"),
-            (".lora_embedding_B", "eB"),
-        ):
-            if stem.endswith(marker):
-                module_name = stem[: -len(marker)]
-                break
-        else:
+        split = _split_lora_key(stem)
+        if split is None:
             continue
+        module_name, axis = split
         module = modules.get(module_name)
         if module is None:
             # peft strips/adds the top module prefix for some architectures; accept a unique suffix match
