@@ -15,8 +15,6 @@ gradients and dropout masks behave as in peft.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from peft.tuners import lora
@@ -27,20 +25,33 @@ from .errors import IncompatibleExpertError
 SUPPORTED_LORA_LAYERS = (lora.Linear, lora.Embedding, lora.Conv2d)
 
 
-@dataclass
 class RoutingState:
     """The scalings of the pass being run, shared by every X-LoRA layer of one model.
 
     The model sets it before a pass and clears it after (:meth:`XLoraModel._routing`): layers read
     it, nothing registers hooks. ``scalings`` is ``[batch, seq, n_layers or 1, n_experts]`` with
     top-k, the top-k softmax and the global weight already applied (``None``: experts are skipped,
-    which is exactly the base model).
+    which is exactly the base model). Layers with the same experts and ranks share one column
+    multiplier per pass, kept in ``multipliers`` until the scalings change.
     """
 
-    scalings: torch.Tensor | None = None
-    layerwise: bool = False
-    expert_dtype_cast: bool = True
-    extra: dict = field(default_factory=dict)
+    __slots__ = ("_scalings", "multipliers")
+
+    def __init__(self, scalings: torch.Tensor | None = None) -> None:
+        self._scalings = scalings
+        self.multipliers: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def scalings(self) -> torch.Tensor | None:
+        return self._scalings
+
+    @scalings.setter
+    def scalings(self, value: torch.Tensor | None) -> None:
+        self._scalings = value
+        self.multipliers = {}
+
+
+_PATTERN_IDS: dict[tuple[int, ...], int] = {}
 
 
 class _StackCache:
@@ -54,7 +65,9 @@ class _StackCache:
 
 
 def _tensor_key(tensors: list[torch.Tensor]) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    # in-place updates (optimizer steps, load_state_dict) bump the version counter; device and dtype
+    # moves go through ``_apply``, which drops the stack
+    return tuple(t._version for t in tensors)
 
 
 class XLoraLayer(nn.Module):
@@ -102,6 +115,22 @@ class XLoraLayer(nn.Module):
         self.register_buffer("col_expert", col_expert, persistent=False)
         self.register_buffer("col_scale", col_scale, persistent=False)
         self.global_index = global_index
+        self._pattern_id = _PATTERN_IDS.setdefault(tuple(col_expert.tolist()), len(_PATTERN_IDS))
+        dropouts = getattr(lora_layer, "lora_dropout", {})
+        self._has_dropout = any(
+            isinstance(dropouts[n], nn.Dropout) and dropouts[n].p > 0 for n in self.local_experts if n in dropouts
+        )
+        self._stack = _StackCache()
+        self.refresh()
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        self._stack = _StackCache()  # .to() / .half() / .cuda() gave the experts new storage
+        return result
+
+    def refresh(self) -> None:
+        """Re-read the expert tensors (after their parameters were replaced, e.g. ``load_state_dict(assign=True)``)."""
+        self._sources = self._source_tensors() if self.local_experts else []
         self._stack = _StackCache()
 
     # -- helpers ----------------------------------------------------------------------------
@@ -115,8 +144,11 @@ class XLoraLayer(nn.Module):
         raise NotImplementedError
 
     def _stacked(self) -> tuple[torch.Tensor, ...]:
-        sources = self._source_tensors()
-        key = _tensor_key(sources)
+        """The concatenated factors, with each expert's alpha/r folded into A (built once, checked each call).
+
+        Built lazily on first use, so a model moved to another device builds them there.
+        """
+        key = _tensor_key(self._sources)
         if self._stack.key != key:
             with torch.inference_mode(False), torch.no_grad():
                 self._stack.tensors = tuple(t.detach().clone() for t in self._build_stack())
@@ -125,23 +157,34 @@ class XLoraLayer(nn.Module):
 
     def _use_loop(self) -> bool:
         """Per-expert path: when experts train (gradients must reach their own weights) or dropout is live."""
-        if torch.is_grad_enabled() and any(t.requires_grad for t in self._source_tensors()):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in self._sources):
             return True
-        if self.training:
-            dropouts = self.lora_layer.lora_dropout if hasattr(self.lora_layer, "lora_dropout") else {}
-            return any(isinstance(dropouts[n], nn.Dropout) and dropouts[n].p > 0 for n in self.local_experts)
-        return False
+        return self.training and self._has_dropout
 
-    def _layer_scalings(self, dtype: torch.dtype) -> torch.Tensor:
-        """``[b, s, n_experts]`` scalings of this layer (broadcastable; top-k and global weight folded in)."""
+    def _layer_scalings(self, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
+        """``[b, s, n_experts]`` scalings of this layer (top-k and global weight folded in)."""
         scalings = self.routing.scalings
         index = self.layer_index if scalings.shape[2] > 1 else 0
-        return scalings[:, :, index, :].to(dtype)
+        layer = scalings[:, :, index, :]
+        return index, layer if layer.dtype == dtype else layer.to(dtype)
 
-    def _column_multiplier(self, dtype: torch.dtype) -> torch.Tensor:
-        """``[b, s, sum_r]``: per-token scaling of each rank column, times the expert's alpha/r."""
-        scalings = self._layer_scalings(dtype)
-        return scalings.index_select(-1, self.col_expert) * self.col_scale.to(dtype)
+    def _column_multiplier(self, dtype: torch.dtype, *, with_lora_scale: bool) -> torch.Tensor:
+        """``[b, s, sum_r]``: the per-token scaling of each rank column.
+
+        The stacked path folds alpha/r into A, so its multiplier is the routing alone and is shared
+        by every layer with the same experts and ranks in this pass.
+        """
+        routing = self.routing
+        index = self.layer_index if routing.scalings.shape[2] > 1 else 0
+        key = (index, self._pattern_id, dtype)
+        if not with_lora_scale and key in routing.multipliers:
+            return routing.multipliers[key]
+        _, scalings = self._layer_scalings(dtype)
+        multiplier = scalings.index_select(-1, self.col_expert)
+        if with_lora_scale:
+            return multiplier * self.col_scale.to(dtype)
+        routing.multipliers[key] = multiplier
+        return multiplier
 
     def unwrap(self) -> lora.LoraLayer:
         """The original peft layer, unchanged (its children are the same objects)."""
@@ -186,6 +229,7 @@ class XLoraLinear(XLoraLayer):
     def _build_stack(self) -> tuple[torch.Tensor, ...]:
         layer = self.lora_layer
         a = torch.cat([layer.lora_A[n].weight for n in self.local_experts], dim=0)
+        a = a * self.col_scale.to(a.dtype)[:, None]
         b = torch.cat([layer.lora_B[n].weight for n in self.local_experts], dim=1)
         return a, b
 
@@ -193,24 +237,24 @@ class XLoraLinear(XLoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.routing.scalings is None or not self.local_experts:
             return result
-        layer = self.lora_layer
-        dtype = layer.lora_A[self.local_experts[0]].weight.dtype
-        xe = x.to(dtype)
-        multiplier = _tokens_view(self._column_multiplier(dtype), xe, self.module_name)
+        dtype = self._sources[0].dtype
+        xe = x if x.dtype == dtype else x.to(dtype)
         if self._use_loop():
+            layer = self.lora_layer
+            multiplier = _tokens_view(self._column_multiplier(dtype, with_lora_scale=True), xe, self.module_name)
             delta = None
             start = 0
             for name in self.local_experts:
                 r = layer.lora_A[name].out_features
-                m = multiplier[..., start : start + r]
+                h = layer.lora_A[name](layer.lora_dropout[name](xe)) * multiplier[..., start : start + r]
                 start += r
-                h = layer.lora_A[name](layer.lora_dropout[name](xe)) * m
                 out = layer.lora_B[name](h)
                 delta = out if delta is None else delta + out
         else:
             a, b = self._stacked()
+            multiplier = _tokens_view(self._column_multiplier(dtype, with_lora_scale=False), xe, self.module_name)
             delta = F.linear(F.linear(xe, a) * multiplier, b)
-        return result + delta.to(result.dtype)
+        return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
 
 
 class XLoraEmbedding(XLoraLayer):
@@ -225,29 +269,28 @@ class XLoraEmbedding(XLoraLayer):
             layer.lora_embedding_B[n] for n in self.local_experts
         ]
 
-    def _build_stack(self) -> tuple[torch.Tensor, ...]:
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.lora_layer
         a_t = torch.cat([layer.lora_embedding_A[n].T for n in self.local_experts], dim=1)  # [num_emb, R]
         b_t = torch.cat([layer.lora_embedding_B[n].T for n in self.local_experts], dim=0)  # [R, out]
-        return a_t, b_t
+        return a_t * self.col_scale.to(a_t.dtype), b_t
+
+    def _build_stack(self) -> tuple[torch.Tensor, ...]:
+        return self._factors()
 
     def _use_loop(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in self._source_tensors())
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self._sources)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.routing.scalings is None or not self.local_experts:
             return result
         layer = self.lora_layer
-        dtype = layer.lora_embedding_A[self.local_experts[0]].dtype
-        multiplier = self._column_multiplier(dtype)
+        multiplier = self._column_multiplier(self._sources[0].dtype, with_lora_scale=False)
         if x.dim() == 1:
             multiplier = multiplier.reshape(-1, multiplier.shape[-1])
-        if self._use_loop():
-            a_t = torch.cat([layer.lora_embedding_A[n].T for n in self.local_experts], dim=1)
-            b_t = torch.cat([layer.lora_embedding_B[n].T for n in self.local_experts], dim=0)
-        else:
-            a_t, b_t = self._stacked()
+        # trainable experts: concatenate with autograd so gradients reach each expert's own tensors
+        a_t, b_t = self._factors() if self._use_loop() else self._stacked()
         delta = (layer._embed(x, a_t) * multiplier) @ b_t
         embed_scale = layer._get_embed_scale() if hasattr(layer, "_get_embed_scale") else None
         if embed_scale is not None:
@@ -267,6 +310,7 @@ class XLoraConv2d(XLoraLayer):
     def _build_stack(self) -> tuple[torch.Tensor, ...]:
         layer = self.lora_layer
         a = torch.cat([layer.lora_A[n].weight for n in self.local_experts], dim=0)
+        a = a * self.col_scale.to(a.dtype)[:, None, None, None]
         b = torch.cat([layer.lora_B[n].weight for n in self.local_experts], dim=1)
         return a, b
 
@@ -280,7 +324,8 @@ class XLoraConv2d(XLoraLayer):
         layer = self.lora_layer
         first_a = layer.lora_A[self.local_experts[0]]
         dtype = first_a.weight.dtype
-        multiplier = self._column_multiplier(dtype)  # [b, s, R]
+        loop = self._use_loop()
+        multiplier = self._column_multiplier(dtype, with_lora_scale=loop)  # [b, s, R]
         if multiplier.shape[1] != 1:
             raise RuntimeError(
                 f"X-LoRA Conv2d layer {self.module_name!r} needs one scaling vector per sample, got scalings for "
@@ -288,7 +333,7 @@ class XLoraConv2d(XLoraLayer):
             )
         multiplier = multiplier[:, 0, :, None, None]  # [b, R, 1, 1]
         xe = x.to(dtype)
-        if self._use_loop():
+        if loop:
             delta = None
             start = 0
             for name in self.local_experts:

@@ -495,6 +495,13 @@ class XLoraModel(nn.Module):
 
         return load_mixture(repo_id_or_path, **kwargs)
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:  # new parameter objects: the layers must re-read them
+            for layer in self.xlora_layers:
+                layer.refresh()
+        return result
+
     def unwrap(self) -> nn.Module:
         """Put peft's own LoRA layers back and return the ``transformers`` model (still holding the experts)."""
         _restore_peft_layers(self.model)
