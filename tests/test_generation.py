@@ -131,3 +131,46 @@ def test_a_foreign_cache_is_refused(pair):
         assert isinstance(past, DynamicCache) and not isinstance(past, XLoraCache)
         with pytest.raises(TypeError, match="X-LoRA needs an XLoraCache as `past_key_values`"):
             ours(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_cached_generation_on_other_architectures(arch, tmp_path):
+    from factories import tiny_gpt2, tiny_opt
+
+    factory, targets = {
+        "gpt2": (tiny_gpt2, [["c_attn"], ["c_fc", "c_proj"]]),
+        "opt": (tiny_opt, [["fc1"], ["q_proj"]]),
+    }[arch]
+    dirs = [
+        save_expert(factory, tmp_path / f"e{i}", target_modules=t, seed=i, scale=0.5) for i, t in enumerate(targets)
+    ]
+    model = XLoraModel.from_experts(factory(), XLoraConfig(experts={"a": dirs[0], "b": dirs[1]}))
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.copy_(torch.randn_like(p) * 2)
+    inputs = _batch("left-padded")
+    settings = dict(GREEDY, pad_token_id=0)
+    assert (
+        model.generate(**inputs, **settings).tolist() == model.generate(**inputs, **settings, use_cache=False).tolist()
+    )
+
+
+def test_static_routing(experts):
+    from test_architectures import force_expert
+
+    model = XLoraModel.from_experts(
+        tiny_llama(), XLoraConfig(experts={"x": experts[0], "y": experts[1], "z": experts[2]})
+    )
+    inputs = _batch("left-padded")
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.copy_(torch.randn_like(p) * 2)
+    dynamic = model.generate(**inputs, **GREEDY)
+    static = model.generate(**inputs, **GREEDY, routing="static")
+    assert static.shape == dynamic.shape
+    assert model.generate(**inputs, **GREEDY, routing="static", num_beams=2).shape[0] == 3
+    # with routing that does not depend on the input, static and dynamic routing agree
+    force_expert(model, 1)
+    assert model.generate(**inputs, **GREEDY, routing="static").tolist() == model.generate(**inputs, **GREEDY).tolist()
+    with pytest.raises(ValueError, match="`routing` must be 'dynamic' or 'static'"):
+        model.generate(**inputs, routing="sometimes")

@@ -211,6 +211,9 @@ def _tokens_view(multiplier: torch.Tensor, x: torch.Tensor, module_name: str) ->
         return multiplier.reshape(*lead, multiplier.shape[-1])
     if len(lead) == 1 and lead[0] == multiplier.shape[0]:
         return multiplier[:, 0, :]
+    if multiplier.shape[1] == 1 and len(lead) == 1 and lead[0] % multiplier.shape[0] == 0:
+        # one scaling vector per sequence (static routing) over flattened tokens
+        return multiplier[:, 0, :].repeat_interleave(lead[0] // multiplier.shape[0], dim=0)
     raise RuntimeError(
         f"X-LoRA layer {module_name!r} got an input of shape {tuple(x.shape)} but scalings for "
         f"{multiplier.shape[0]}x{multiplier.shape[1]} tokens; the layer's tokens must match the model's input tokens."

@@ -363,23 +363,35 @@ class XLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, *args: Any, **kwargs: Any):
+    def generate(self, *args: Any, routing: str = "dynamic", **kwargs: Any):
         """``transformers`` generation with X-LoRA, KV-cached in both passes unless ``use_cache=False``.
 
         Takes every argument of ``model.generate`` (greedy, sampling, beam search, ``max_new_tokens``,
         ``eos_token_id``, left-padded batches...).
+
+        ``routing="static"`` runs the scaling pass once, on the prompt, and routes every token of each
+        sequence with the prompt's mean scalings: generation then costs about one pass per token. It
+        changes the outputs (the default, ``"dynamic"``, is the X-LoRA of the paper and of peft).
         """
+        if routing not in ("dynamic", "static"):
+            raise ValueError(f"`routing` must be 'dynamic' or 'static', got {routing!r}.")
         if self._disabled:
             return self.model.generate(*args, **kwargs)
         generation_config = kwargs.get("generation_config") or self.generation_config
         use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
         if use_cache and kwargs.get("past_key_values") is None and self._supports_cache():
             kwargs["past_key_values"] = XLoraCache(config=self.config)
+        static: list[torch.Tensor] = []
 
         def before(module: nn.Module, hook_args: tuple, hook_kwargs: dict[str, Any]):
             model_kwargs = dict(hook_kwargs)
             if hook_args:
                 model_kwargs["input_ids"] = hook_args[0]
+            if routing == "static":
+                if not static:
+                    static.append(self._prompt_scalings(model_kwargs))
+                self.routing.scalings = static[0]
+                return
             past = model_kwargs.get("past_key_values")
             cache = past if isinstance(past, XLoraCache) else None
             scalings = self.compute_scalings(model_kwargs, cache)
@@ -396,6 +408,18 @@ class XLoraModel(nn.Module):
             pre.remove()
             post.remove()
             self.routing.scalings = None
+
+    def _prompt_scalings(self, model_kwargs: dict[str, Any]) -> torch.Tensor:
+        """Processed per-sequence scalings ``[batch, 1, n_layers, n_experts]``: the mean over the prompt's real tokens."""
+        model_kwargs = {k: v for k, v in model_kwargs.items() if k != "past_key_values"}
+        scalings = self.compute_scalings(model_kwargs, None)
+        mask = model_kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            mean = scalings.mean(dim=1, keepdim=True)
+        else:
+            weights = mask[:, -scalings.shape[1] :].to(scalings.dtype)[:, :, None, None]
+            mean = (scalings * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1)
+        return self._process_scalings(mean)
 
     # ------------------------------------------------------------------ control API (peft's names)
     def set_topk_lora(self, value: int | None) -> None:
