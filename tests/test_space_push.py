@@ -1,0 +1,175 @@
+"""``push_space`` against the tests' Hub server: the Space repo's files, its README front matter, updates, dry runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import gradio
+import pytest
+import torch
+from huggingface_hub import HfApi, SpaceCard
+from test_space_app import (
+    EXPERTS,
+    client,
+    free_port,
+    predict,
+    reference,
+    save_tiny_parts,
+    tiny_mixture,
+    wait_ready,
+)
+
+from xlora_hub import InvalidConfigError, InvalidMixtureError
+from xlora_hub.space import SPACE_CONFIG_NAME, load_demo, push_space, space_target, spaces_app_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _uid() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="module")
+def mixture_repo(hub, tmp_path_factory):
+    """A mixture on the Hub whose experts live in their own Hub repos, over a local base model."""
+    base_dir, expert_dirs = save_tiny_parts(tmp_path_factory.mktemp("push-mixture"))
+    api = HfApi(token=hub.token)
+    uid = _uid()
+    experts = {}
+    for name, folder in expert_dirs.items():
+        repo = api.create_repo(f"alice/space-expert-{name}-{uid}").repo_id
+        api.upload_folder(repo_id=repo, folder_path=folder)
+        experts[name] = repo
+    model = tiny_mixture(base_dir, experts)
+    repo = f"alice/space-mixture-{uid}"
+    model.push_to_hub(repo, token=hub.token)
+    return repo, model
+
+
+def _read(api: HfApi, repo: str, path: str) -> str:
+    return Path(api.hf_hub_download(repo, path, repo_type="space")).read_text(encoding="utf-8")
+
+
+def test_push_creates_then_updates_the_space(hub, mixture_repo):
+    repo, model = mixture_repo
+    api = HfApi(token=hub.token)
+    space = f"alice/space-{_uid()}"
+    first_sha = api.model_info(repo).sha
+
+    url = push_space(repo, space, token=hub.token)
+    assert url.endswith(f"/spaces/{space}")
+    info = api.space_info(space)
+    files = set(api.list_repo_files(space, repo_type="space"))
+    assert {"app.py", "requirements.txt", "README.md", SPACE_CONFIG_NAME, "xlora_hub/space.py"} <= files
+    assert _read(api, space, "app.py") == (spaces_app_dir() / "app.py").read_text(encoding="utf-8")
+    assert "torch" in _read(api, space, "requirements.txt")
+    assert json.loads(_read(api, space, SPACE_CONFIG_NAME))["revision"] == first_sha
+
+    card = SpaceCard(_read(api, space, "README.md"))
+    data = card.data
+    assert (data.sdk, data.sdk_version, data.app_file) == ("gradio", gradio.__version__, "app.py")
+    expert_repos = [ref.repo_id for ref in model.xlora_config.experts.values()]
+    assert len(expert_repos) == len(EXPERTS) and all(expert_repos)
+    assert data.models == [repo, *expert_repos]
+    assert data.title and repo in card.text and first_sha in card.text
+
+    # Someone adds a file; a vendored module of an older release is left over.
+    api.upload_file(path_or_fileobj=b"mine", path_in_repo="notes.txt", repo_id=space, repo_type="space")
+    api.upload_file(path_or_fileobj=b"", path_in_repo="xlora_hub/gone.py", repo_id=space, repo_type="space")
+    # The mixture changes; a second push pins the Space to the new commit, in one commit.
+    with torch.no_grad():
+        model.classifier.layers[-1].bias.add_(1.0)
+    model.push_to_hub(repo, token=hub.token)
+    second_sha = api.model_info(repo).sha
+    assert second_sha != first_sha
+    commits_before = len(api.list_repo_commits(space, repo_type="space"))
+
+    push_space(repo, space, token=hub.token)
+    assert len(api.list_repo_commits(space, repo_type="space")) == commits_before + 1
+    assert json.loads(_read(api, space, SPACE_CONFIG_NAME))["revision"] == second_sha
+    assert second_sha in SpaceCard(_read(api, space, "README.md")).text
+    files = set(api.list_repo_files(space, repo_type="space"))
+    assert "notes.txt" in files and "xlora_hub/gone.py" not in files
+    assert api.space_info(space).sha != info.sha
+
+
+def test_push_to_a_revision_private_space(hub, mixture_repo):
+    repo, _ = mixture_repo
+    api = HfApi(token=hub.token)
+    pinned = api.model_info(repo).sha
+    space = f"alice/space-private-{_uid()}"
+    push_space(repo, space, token=hub.token, private=True, revision=pinned)
+    assert api.space_info(space).private is True
+    assert json.loads(_read(api, space, SPACE_CONFIG_NAME)) == {
+        "mixture": repo,
+        "revision": pinned,
+        "requested_revision": pinned,
+    }
+
+
+def test_dry_run_writes_a_folder_that_loads_the_pinned_mixture(hub, mixture_repo, tmp_path, monkeypatch):
+    repo, model = mixture_repo
+    api = HfApi(token=hub.token)
+    space = f"alice/space-dry-{_uid()}"
+    folder = push_space(repo, space, token=hub.token, dry_run_dir=tmp_path / "space", hardware="cpu-upgrade")
+    assert Path(folder) == tmp_path / "space"
+    assert not api.repo_exists(space, repo_type="space")
+    assert SpaceCard.load(Path(folder) / "README.md").data.suggested_hardware == "cpu-upgrade"
+    assert (Path(folder) / "xlora_hub" / "model.py").is_file()
+
+    monkeypatch.delenv("XLORA_MIXTURE", raising=False)
+    mixture, revision = space_target(folder)
+    assert (mixture, revision) == (repo, api.model_info(repo).sha)
+    loaded = load_demo(mixture, revision=revision)
+    ids = torch.tensor([[5, 9, 14, 27]])
+    torch.testing.assert_close(loaded.model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_bad_push_input_is_refused_before_anything_is_created(hub, mixture_repo, tmp_path):
+    repo, _ = mixture_repo
+    api = HfApi(token=hub.token)
+    space = f"alice/space-bad-{_uid()}"
+    with pytest.raises(InvalidMixtureError, match=r"Cannot load the mixture 'alice/nothing-here'.*no such repo"):
+        push_space("alice/nothing-here", space, token=hub.token)
+    with pytest.raises(InvalidConfigError, match="Unknown Space hardware 'h100-giant'"):
+        push_space(repo, space, token=hub.token, hardware="h100-giant")
+    with pytest.raises(InvalidConfigError, match="is a local folder"):
+        push_space(str(tmp_path), space, token=hub.token)
+    assert not api.repo_exists(space, repo_type="space")
+
+
+@pytest.mark.slow
+def test_the_pushed_space_runs(hub, mixture_repo, tmp_path):
+    """The dry-run folder is a working Space: ``python app.py`` there (its own copy of xlora_hub) serves the
+    pinned mixture, and its answer is the mixture's."""
+    repo, model = mixture_repo
+    folder = Path(push_space(repo, "alice/unused", token=hub.token, dry_run_dir=tmp_path / "space"))
+    port = free_port()
+    env = {**hub.env(tmp_path), "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1"}
+    env.pop("PYTHONPATH", None)
+    log = open(tmp_path / "space.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        started = time.monotonic()
+        while proc.poll() is None and time.monotonic() - started < 240:
+            try:
+                wait_ready(url, timeout=2)
+                break
+            except TimeoutError:
+                continue
+        assert proc.poll() is None, (tmp_path / "space.log").read_text()[-3000:]
+        from xlora_hub.space import load_tokenizer
+
+        tokenizer = load_tokenizer(repo, model)
+        text = predict(client(url), "pushed", max_new_tokens=6, compare_base=False)[0]
+        assert text == reference(model, tokenizer, "pushed", 6)["text"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
