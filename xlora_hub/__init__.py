@@ -12,6 +12,7 @@ from .errors import (
     UnsupportedFormatError,
     XLoraHubError,
 )
+from .hub import ExpertSummary, MixtureSummary, inspect_mixture
 from .model import XLoraModel
 
 __version__ = "0.1.0"
@@ -30,5 +31,8 @@ __all__ = [
     "XLoraConfig",
     "XLoraHubError",
     "XLoraModel",
+    "ExpertSummary",
+    "MixtureSummary",
+    "inspect_mixture",
     "__version__",
 ]

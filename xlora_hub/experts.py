@@ -57,6 +57,19 @@ def safe_relative_path(value: str, *, what: str) -> PurePosixPath:
     return path
 
 
+def cached_commit_sha(repo_id: str, *, cache_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """The commit a Hub model was loaded at, read from the local cache (no network); None for local folders."""
+    if os.path.isdir(repo_id):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+    except Exception:  # not a valid repo id, unreadable cache: nothing to pin
+        return None
+    return _snapshot_sha(path) if isinstance(path, str) else None
+
+
 def _snapshot_sha(path: str) -> str | None:
     parts = Path(path).parts
     if "snapshots" in parts:
@@ -99,8 +112,8 @@ def resolve_expert(
 
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
-        EntryNotFoundError,
         LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -120,7 +133,7 @@ def resolve_expert(
         sha = _snapshot_sha(config_path)
         try:
             weights_path = hf_hub_download(filename=ADAPTER_WEIGHTS_NAME, revision=sha or ref.revision, **kwargs)
-        except EntryNotFoundError:
+        except RemoteEntryNotFoundError:  # not LocalEntryNotFoundError, also an EntryNotFoundError
             raise IncompatibleExpertError(
                 f"Expert {name!r} ({where}) has no {ADAPTER_WEIGHTS_NAME}. xlora-hub loads safetensors only and never "
                 f"unpickles a downloaded {PICKLE_WEIGHTS_NAME}; convert the adapter with peft "
@@ -135,7 +148,7 @@ def resolve_expert(
         raise ExpertNotFoundError(
             f"Expert {name!r}: revision {ref.revision!r} does not exist in Hub repo {ref.repo_id!r}."
         ) from err
-    except EntryNotFoundError as err:
+    except RemoteEntryNotFoundError as err:
         raise ExpertNotFoundError(
             f"Expert {name!r}: {where} has no {ADAPTER_CONFIG_NAME} at revision {ref.revision or 'main'!r}; "
             "is it a peft LoRA adapter repo? Use `:subfolder` if the adapter is in a folder."

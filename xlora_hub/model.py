@@ -29,7 +29,7 @@ from .cache import XLoraCache
 from .classifier import XLoraClassifier
 from .config import BaseModelRef, ExpertRef, XLoraConfig
 from .errors import IncompatibleExpertError, InvalidConfigError, InvalidMixtureError
-from .experts import ResolvedExpert, check_expert_matches_model, read_adapter_config, resolve_expert
+from .experts import ResolvedExpert, cached_commit_sha, check_expert_matches_model, read_adapter_config, resolve_expert
 from .layers import SUPPORTED_LORA_LAYERS, RoutingState, XLoraLayer, wrap_lora_layer
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def _base_model_ref(model: nn.Module) -> BaseModelRef | None:
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not name:
         return None
-    revision = getattr(getattr(model, "config", None), "_commit_hash", None)
+    revision = getattr(getattr(model, "config", None), "_commit_hash", None) or cached_commit_sha(str(name))
     return BaseModelRef(repo_id=str(name), revision=revision or None)
 
 
