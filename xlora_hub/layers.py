@@ -230,34 +230,47 @@ class XLoraLinear(XLoraLayer):
         ]
 
     def _build_stack(self) -> tuple[torch.Tensor, ...]:
+        # stored transposed and contiguous, [in, R] and [R, out], for plain mm / addmm
         layer = self.lora_layer
         a = torch.cat([layer.lora_A[n].weight for n in self.local_experts], dim=0)
         a = a * self.col_scale.to(a.dtype)[:, None]
         b = torch.cat([layer.lora_B[n].weight for n in self.local_experts], dim=1)
-        return a, b
+        return a.t().contiguous(), b.t().contiguous()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.routing.scalings is None or not self.local_experts:
+        if self.routing._scalings is None:
             return result
         dtype = self._sources[0].dtype
         xe = x if x.dtype == dtype else x.to(dtype)
         if self._use_loop():
-            layer = self.lora_layer
-            multiplier = _tokens_view(self._column_multiplier(dtype, with_lora_scale=True), xe, self.module_name)
-            delta = None
-            start = 0
-            for name in self.local_experts:
-                r = layer.lora_A[name].out_features
-                h = layer.lora_A[name](layer.lora_dropout[name](xe)) * multiplier[..., start : start + r]
-                start += r
-                out = layer.lora_B[name](h)
-                delta = out if delta is None else delta + out
-        else:
-            a, b = self._stacked()
-            multiplier = _tokens_view(self._column_multiplier(dtype, with_lora_scale=False), xe, self.module_name)
-            delta = F.linear(F.linear(xe, a) * multiplier, b)
-        return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
+            return result + self._loop_delta(xe).to(result.dtype)
+        a_t, b_t = self._stacked()
+        rank = a_t.shape[1]
+        multiplier = _tokens_view(self._column_multiplier(dtype, with_lora_scale=False), xe, self.module_name)
+        h = torch.mm(xe.reshape(-1, xe.shape[-1]), a_t)
+        if multiplier.shape[:-1] != xe.shape[:-1]:
+            multiplier = multiplier.expand(*xe.shape[:-1], rank)
+        multiplier = multiplier.reshape(-1, rank)
+        # in place when no gradient is recorded (generation, eval): one allocation less per layer
+        h = h * multiplier if torch.is_grad_enabled() else h.mul_(multiplier)
+        if result.dtype != dtype:
+            return result + torch.mm(h, b_t).view(*result.shape[:-1], -1).to(result.dtype)
+        return torch.addmm(result.reshape(-1, result.shape[-1]), h, b_t).view(result.shape)
+
+    def _loop_delta(self, xe: torch.Tensor) -> torch.Tensor:
+        """peft's per-expert loop: used when experts train or LoRA dropout is live."""
+        layer = self.lora_layer
+        multiplier = _tokens_view(self._column_multiplier(xe.dtype, with_lora_scale=True), xe, self.module_name)
+        delta = None
+        start = 0
+        for name in self.local_experts:
+            r = layer.lora_A[name].out_features
+            h = layer.lora_A[name](layer.lora_dropout[name](xe)) * multiplier[..., start : start + r]
+            start += r
+            out = layer.lora_B[name](h)
+            delta = out if delta is None else delta + out
+        return delta
 
 
 class XLoraEmbedding(XLoraLayer):
