@@ -761,7 +761,11 @@ def push_mixture(
     branch = branch or revision
     trained = model.xlora_config.use_trainable_adapters
     already_bundled = _bundled_names(model)
-    local = [e for e in model.experts if not e.ref.is_hub and not trained and e.name not in already_bundled]
+    local = [
+        e
+        for e in model.experts
+        if not e.ref.is_hub and not trained and (push_local_experts or e.name not in already_bundled)
+    ]
     if local and not (bundle_experts or push_local_experts):
         names = ", ".join(f"{e.name!r} ({e.local_dir})" for e in local)
         raise InvalidMixtureError(
