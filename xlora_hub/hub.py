@@ -1,4 +1,8 @@
-"""Mixture folders and Hub repos: save, load, push and inspect (format version 1, see ``docs/format.md``).
+"""Mixtures on the Hub: fetch, load (``from_pretrained``), push (``push_to_hub``); format version 1.
+
+The folder format lives in :mod:`.mixture_format` (checks), :mod:`.mixture_save` (writing) and
+:mod:`.model_card`; :mod:`.summary` reads a mixture without weights. This module re-exports their
+public names, so ``xlora_hub.hub`` stays the one import for Hub work.
 
 A mixture is small on purpose: ``xlora_config.json`` (settings, base model, expert references, layer
 names), ``xlora_classifier.safetensors`` (the gating classifier, with metadata a loader checks before
@@ -10,8 +14,6 @@ into ``experts/<name>/``. All Hub I/O goes through ``huggingface_hub``.
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import importlib
 import json
 import logging
@@ -25,16 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, FORMAT_VERSION, BaseModelRef, ExpertRef, XLoraConfig
+from .config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, BaseModelRef, ExpertRef, XLoraConfig
 from .errors import (
     ExpertNotFoundError,
     IncompatibleExpertError,
-    InvalidConfigError,
     InvalidMixtureError,
-    UnsupportedFormatError,
 )
 from .experts import (
     ADAPTER_CONFIG_NAME,
@@ -44,6 +43,24 @@ from .experts import (
     _snapshot_sha,
     safe_relative_path,
 )
+from .mixture_format import (
+    _BUNDLED_ATTR,
+    CARD_TAGS,
+    EXPERT_FILES,
+    EXPERTS_DIR,
+    LIBRARY_NAME,
+    MODEL_CARD_NAME,
+    _is_hub_id,
+    check_classifier_file,
+    classifier_metadata,
+    expected_classifier_shapes,
+    read_classifier_header,
+    read_mixture_config,
+    settings_dict,
+)
+from .mixture_save import _bundled_names, _plan_experts, _write_mixture, save_mixture, write_expert_files
+from .model_card import _hub_url, make_model_card
+from .summary import ExpertSummary, MixtureSummary, inspect_mixture
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -52,24 +69,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODEL_CARD_NAME = "README.md"
-EXPERTS_DIR = "experts"
-LIBRARY_NAME = "xlora-hub"
-CARD_TAGS = ("x-lora", "lora", "mixture-of-experts")
-EXPERT_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
 
-# Settings shown in the card and the summary (everything in XLoraConfig but the structural fields).
-_STRUCTURAL = {"experts", "base_model", "hidden_size", "layer_names"}
-_BUNDLED_ATTR = "_xlora_hub_bundled_experts"
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def _is_hub_id(value: str | None) -> bool:
-    """True for a string that names a Hub repo rather than a local folder."""
-    return bool(value) and bool(_HUB_ID_RE.match(value)) and not os.path.exists(os.path.expanduser(value))
-
-
+# ---------------------------------------------------------------------------------------------- Hub I/O helpers
 def _hub_api(token: str | bool | None):
     from huggingface_hub import HfApi
 
@@ -97,332 +98,6 @@ def clear_connection_errors(what: str) -> Iterator[None]:
             f"{what}: the connection to the Hub failed during the download ({type(err).__name__}: {err}). Nothing "
             "incomplete was kept in the cache; try again, or pass `local_files_only=True` to use cached files."
         ) from err
-
-
-def settings_dict(config: XLoraConfig) -> dict[str, Any]:
-    """The routing/classifier settings of a config (no experts, base model or layer names)."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in _STRUCTURAL}
-
-
-def expected_classifier_shapes(config: XLoraConfig) -> dict[str, list[int]]:
-    """Tensor name -> shape of the classifier a config describes, built on the meta device (no memory, no weights)."""
-    from .classifier import XLoraClassifier
-
-    if config.hidden_size is None or config.layer_names is None:
-        raise InvalidMixtureError(
-            "The mixture config has no `hidden_size` or `layer_names`; it was not written by `save_pretrained`. "
-            "Rebuild the mixture with `XLoraModel.from_experts` and save it again."
-        )
-    classifier = XLoraClassifier(
-        config,
-        hidden_size=config.hidden_size,
-        n_layers=len(config.layer_names),
-        n_experts=config.n_experts,
-        device="meta",
-    )
-    return classifier.shapes()
-
-
-def classifier_metadata(config: XLoraConfig) -> dict[str, str]:
-    """safetensors metadata (strings only) that lets a loader check the classifier before building a model."""
-    return {
-        "format": "pt",
-        "xlora_format_version": str(FORMAT_VERSION),
-        "n_layers": str(len(config.layer_names or [])),
-        "n_experts": str(config.n_experts),
-        "hidden_size": str(config.hidden_size),
-        "xlora_depth": str(config.xlora_depth),
-        "xlora_size": str(config.xlora_size),
-        "layerwise_scalings": json.dumps(config.layerwise_scalings),
-        "expert_names": json.dumps(config.expert_names),
-    }
-
-
-def read_classifier_header(path: Path, *, what: str) -> tuple[dict[str, list[int]], dict[str, str]]:
-    """Shapes and metadata of a safetensors file, from its header only; a clear error when it is unreadable."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
-            metadata = dict(f.metadata() or {})
-    except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-        raise InvalidMixtureError(
-            f"{what}: {path.name} is not a readable safetensors file ({err}). It may be truncated or corrupt: "
-            "download it again with `force_download=True`, or save the mixture again."
-        ) from None
-    return shapes, metadata
-
-
-def check_classifier_file(path: Path, config: XLoraConfig, *, what: str) -> None:
-    """Compare the classifier file's header (shapes and metadata) with the config before anything is built."""
-    shapes, metadata = read_classifier_header(path, what=what)
-    expected = expected_classifier_shapes(config)
-    facts = {
-        "n_layers": len(config.layer_names or []),
-        "n_experts": config.n_experts,
-        "hidden_size": config.hidden_size,
-    }
-    for key, value in facts.items():
-        if key in metadata and metadata[key] != str(value):
-            raise InvalidMixtureError(
-                f"{what}: the classifier was saved for {key}={metadata[key]} but {CONFIG_NAME} says {value}; "
-                "the two files come from different mixtures. Save the mixture again."
-            )
-    if shapes != expected:
-        missing = sorted(set(expected) - set(shapes))
-        extra = sorted(set(shapes) - set(expected))
-        wrong = {k: (shapes[k], expected[k]) for k in expected if k in shapes and shapes[k] != expected[k]}
-        detail = "; ".join(
-            part
-            for part in (
-                f"missing {missing}" if missing else "",
-                f"unexpected {extra}" if extra else "",
-                ", ".join(f"{k} has shape {got}, expected {exp}" for k, (got, exp) in wrong.items()),
-            )
-            if part
-        )
-        raise InvalidMixtureError(
-            f"{what}: {CLASSIFIER_WEIGHTS_NAME} does not match {CONFIG_NAME} ({detail}). The config describes "
-            f"{config.n_experts} experts, {len(config.layer_names or [])} layers, hidden size {config.hidden_size}, "
-            f"xlora_depth={config.xlora_depth}, layerwise_scalings={config.layerwise_scalings}."
-        )
-
-
-def read_mixture_config(path: Path, *, what: str) -> XLoraConfig:
-    """Read and validate ``xlora_config.json``; every path inside it must stay inside the mixture."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidConfigError(f"{what}: {CONFIG_NAME} is not valid JSON ({err}).") from None
-    if isinstance(data, dict) and "format_version" not in data and ("adapters" in data or "base_model_id" in data):
-        raise UnsupportedFormatError(
-            f"{what}: {CONFIG_NAME} is in the original `xlora` package / mistral.rs format, not xlora-hub's. "
-            "Import it with `xlora_hub.convert.import_mixture(...)`."
-        )
-    config = XLoraConfig.from_dict(data, source=f"{what}: {CONFIG_NAME}")
-    if config.hidden_size is None or config.layer_names is None:
-        raise InvalidConfigError(
-            f"{what}: {CONFIG_NAME} is missing `hidden_size` or `layer_names`, which `save_pretrained` always writes."
-        )
-    for name, ref in config.experts.items():
-        if ref.path is not None:
-            safe_relative_path(ref.path, what=f"{what}: expert {name!r} path")
-        if ref.subfolder is not None:
-            safe_relative_path(ref.subfolder, what=f"{what}: expert {name!r} subfolder")
-    return config
-
-
-# ---------------------------------------------------------------------------------------------- save
-@dataclass(frozen=True)
-class _ExpertPlan:
-    """How one expert is written: as a reference, copied from a folder, or exported from the live (trained) model."""
-
-    name: str
-    ref: ExpertRef
-    copy_from: Path | None = None
-    export_trained: bool = False
-
-    @property
-    def bundled(self) -> bool:
-        return self.copy_from is not None or self.export_trained
-
-
-def _bundled_names(model: XLoraModel) -> frozenset[str]:
-    return frozenset(getattr(model, _BUNDLED_ATTR, frozenset()))
-
-
-def _plan_experts(
-    model: XLoraModel, *, bundle_experts: bool, overrides: dict[str, ExpertRef] | None = None
-) -> list[_ExpertPlan]:
-    trained = model.xlora_config.use_trainable_adapters
-    overrides = overrides or {}
-    plans = []
-    for expert in model.experts:
-        bundled_ref = ExpertRef(path=f"{EXPERTS_DIR}/{expert.name}")
-        if trained:
-            plans.append(_ExpertPlan(expert.name, bundled_ref, export_trained=True))
-        elif expert.name in overrides:
-            plans.append(_ExpertPlan(expert.name, overrides[expert.name]))
-        elif bundle_experts or not expert.ref.is_hub:
-            plans.append(_ExpertPlan(expert.name, bundled_ref, copy_from=expert.local_dir))
-        else:
-            plans.append(_ExpertPlan(expert.name, expert.ref))
-    return plans
-
-
-def write_expert_files(model: XLoraModel, expert: ResolvedExpert, dest: Path, *, from_model: bool) -> None:
-    """Write one expert as a peft adapter folder (config + safetensors) into ``dest``.
-
-    ``from_model`` exports the live weights (trained experts); otherwise the expert's files are copied.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    if not from_model:
-        for filename in EXPERT_FILES:
-            source = expert.local_dir / filename
-            if not source.is_file():
-                raise ExpertNotFoundError(
-                    f"Expert {expert.name!r}: {source} is missing; cannot copy it into the mixture."
-                )
-            shutil.copyfile(source, dest / filename)
-        return
-    # peft's own key layout for one adapter: "<module>.lora_A.<name>.weight" is saved as "<module>.lora_A.weight".
-    peft_model = model.peft_model
-    pattern = re.compile(rf"\.(lora_[A-Za-z_]+)\.{re.escape(expert.name)}(?=\.|$)")
-    state = {}
-    for key, value in peft_model.state_dict().items():
-        renamed, found = pattern.subn(r".\1", key)
-        if found:
-            state[renamed] = value.detach().to("cpu").contiguous()
-    if not state:
-        raise IncompatibleExpertError(f"Expert {expert.name!r}: no LoRA weights found in the model to save.")
-    save_file(state, str(dest / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    peft_config = copy.deepcopy(peft_model.peft_config[expert.name])
-    peft_config.inference_mode = True
-    peft_config.save_pretrained(str(dest))
-
-
-def _write_mixture(
-    model: XLoraModel,
-    folder: Path,
-    plans: list[_ExpertPlan],
-    *,
-    repo_id: str | None = None,
-    base_model: BaseModelRef | None = None,
-) -> XLoraConfig:
-    """Write the three files (and bundled experts) of a mixture into an empty ``folder``."""
-    by_name = {expert.name: expert for expert in model.experts}
-    for plan in plans:
-        if plan.bundled:
-            write_expert_files(
-                model, by_name[plan.name], folder / EXPERTS_DIR / plan.name, from_model=plan.export_trained
-            )
-    config = model.xlora_config.replace(experts={plan.name: plan.ref for plan in plans})
-    if base_model is not None:
-        config = config.replace(base_model=base_model)
-    state = {key: value.detach().to("cpu").contiguous() for key, value in model.classifier.state_dict().items()}
-    save_file(state, str(folder / CLASSIFIER_WEIGHTS_NAME), metadata=classifier_metadata(config))
-    config.save(folder / CONFIG_NAME)
-    make_model_card(config, repo_id=repo_id).save(str(folder / MODEL_CARD_NAME))
-    return config
-
-
-def _install(source: Path, target: Path) -> None:
-    """Move a written mixture into ``target``; each file and expert folder is replaced atomically."""
-    if not target.exists():
-        os.replace(source, target)
-        return
-    experts = source / EXPERTS_DIR
-    if experts.is_dir():
-        (target / EXPERTS_DIR).mkdir(exist_ok=True)
-        for folder in sorted(experts.iterdir()):
-            final = target / EXPERTS_DIR / folder.name
-            trash = None
-            if final.exists():
-                trash = source / f".old-{folder.name}"
-                os.replace(final, trash)
-            os.replace(folder, final)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
-    for name in (CLASSIFIER_WEIGHTS_NAME, MODEL_CARD_NAME, CONFIG_NAME):  # config last: it names the rest
-        os.replace(source / name, target / name)
-
-
-def save_mixture(model: XLoraModel, save_directory: str | os.PathLike[str], *, bundle_experts: bool = False) -> Path:
-    """Write a mixture folder: config, classifier, model card, and the experts that live nowhere else.
-
-    Hub experts stay references (``bundle_experts=True`` copies them too, for a self-contained folder).
-    Local-folder experts are always copied into ``experts/<name>/`` and referenced relatively, and trained
-    experts (``use_trainable_adapters``) are exported from the model, so a saved mixture never points at
-    an absolute path. Everything is written to a temporary folder first, then moved in place.
-    """
-    target = Path(save_directory).expanduser()
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{str(target)!r} is a file; `save_pretrained` needs a folder.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    plans = _plan_experts(model, bundle_experts=bundle_experts)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        _write_mixture(model, tmp, plans)
-        _install(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-# ---------------------------------------------------------------------------------------------- model card
-def _hub_url(repo_id: str, revision: str | None, subfolder: str | None) -> str:
-    from huggingface_hub import constants
-
-    url = f"{constants.ENDPOINT.rstrip('/')}/{repo_id}/tree/{revision or 'main'}"
-    return url + (f"/{subfolder}" if subfolder else "")
-
-
-def _expert_row(index: int, name: str, ref: ExpertRef) -> str:
-    if ref.is_hub:
-        source = f"[{ref.repo_id}]({_hub_url(ref.repo_id, ref.revision, ref.subfolder)})"
-        revision = f"`{ref.revision[:12] if ref.is_pinned else ref.revision}`" if ref.revision else "latest (unpinned)"
-    else:
-        source = f"bundled: [`{ref.path}`]({ref.path})"
-        revision = "this repo"
-    return f"| {index} | `{name}` | {source} | {revision} | {ref.subfolder or ''} |"
-
-
-def make_model_card(config: XLoraConfig, *, repo_id: str | None = None):
-    """A ``huggingface_hub.ModelCard`` for a mixture: metadata, expert table, settings and a usage snippet."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    base = config.base_model
-    data = ModelCardData(
-        base_model=base.repo_id if base is not None and _is_hub_id(base.repo_id) else None,
-        library_name=LIBRARY_NAME,
-        tags=list(CARD_TAGS),
-    )
-    shapes = expected_classifier_shapes(config)
-    n_params = sum(int(torch.Size(shape).numel()) for shape in shapes.values())
-    base_text = (f"`{base.repo_id}`" + (f" at `{base.revision}`" if base.revision else "")) if base else "a base model"
-    title = repo_id or "X-LoRA mixture"
-    rows = "\n".join(_expert_row(i, name, ref) for i, (name, ref) in enumerate(config.experts.items()))
-    settings = "\n".join(f"| `{key}` | `{json.dumps(value)}` |" for key, value in settings_dict(config).items())
-    load_id = repo_id or "path/to/this/folder"
-    n_hub = sum(ref.is_hub for ref in config.experts.values())
-    where = (
-        f"*references* to {n_hub} expert repos, each pinned to a commit so the mixture never changes under its users"
-        if n_hub
-        else "no reference to other repos"
-    )
-    if n_hub < config.n_experts:
-        where += f"; {config.n_experts - n_hub} expert(s) are bundled in `{EXPERTS_DIR}/`"
-    body = f"""
-# {title}
-
-An [X-LoRA](https://arxiv.org/abs/2402.07148) mixture of {config.n_experts} LoRA experts over {base_text}, made with
-xlora-hub. This repo holds the gating classifier ({n_params:,d} parameters, {len(config.layer_names or [])} X-LoRA
-layers, hidden size {config.hidden_size}) and {where}.
-
-## Experts
-
-| # | Expert | Source | Revision | Subfolder |
-|---|---|---|---|---|
-{rows}
-
-## X-LoRA settings
-
-| Setting | Value |
-|---|---|
-{settings}
-
-## Usage
-
-```python
-from xlora_hub import XLoraModel
-
-# Downloads the classifier, each expert at its pinned revision, and the base model.
-model = XLoraModel.from_pretrained("{load_id}")
-```
-
-`xlora_hub.inspect_mixture("{load_id}")` shows the experts and settings without downloading any weights.
-Files: `{CONFIG_NAME}` (xlora-hub format version {FORMAT_VERSION}), `{CLASSIFIER_WEIGHTS_NAME}`.
-"""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
 # ---------------------------------------------------------------------------------------------- fetch
@@ -800,161 +475,17 @@ def push_mixture(
         )
 
 
-# ---------------------------------------------------------------------------------------------- inspect
-@dataclass(frozen=True)
-class ExpertSummary:
-    """One expert of a mixture, as its config names it (``kind``: ``hub`` or ``bundled``)."""
-
-    name: str
-    kind: str
-    repo_id: str | None
-    revision: str | None
-    subfolder: str | None
-    path: str | None
-    pinned: bool
-    size_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class MixtureSummary:
-    """What a mixture is made of, read from its config (and file sizes), with no weights loaded."""
-
-    source: str
-    commit: str | None
-    format_version: int
-    base_model: BaseModelRef | None
-    hidden_size: int | None
-    n_layers: int
-    n_experts: int
-    experts: list[ExpertSummary]
-    settings: dict[str, Any]
-    classifier_parameters: int
-    classifier_size_bytes: int | None = None
-
-    def __str__(self) -> str:
-        base = self.base_model
-        lines = [
-            f"X-LoRA mixture {self.source}" + (f" @ {self.commit}" if self.commit else ""),
-            f"  format version {self.format_version}; base model "
-            + (f"{base.repo_id}" + (f" @ {base.revision}" if base.revision else "") if base else "(not recorded)"),
-            f"  {self.n_experts} experts, {self.n_layers} X-LoRA layers, hidden size {self.hidden_size}, "
-            f"classifier {self.classifier_parameters:,d} parameters"
-            + (f" ({_size(self.classifier_size_bytes)})" if self.classifier_size_bytes is not None else ""),
-            "  experts:",
-        ]
-        for i, e in enumerate(self.experts):
-            where = e.path if e.kind == "bundled" else f"{e.repo_id}@{e.revision or 'main'}"
-            where += f":{e.subfolder}" if e.subfolder else ""
-            pin = "" if e.kind == "bundled" or e.pinned else " (unpinned)"
-            size = f" {_size(e.size_bytes)}" if e.size_bytes is not None else ""
-            lines.append(f"    {i}. {e.name}: {e.kind} {where}{pin}{size}")
-        lines.append("  settings: " + ", ".join(f"{k}={v!r}" for k, v in self.settings.items()))
-        return "\n".join(lines)
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _remote_sizes(api: Any, repo_id: str, paths: list[str], revision: str | None) -> dict[str, int]:
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        infos = api.get_paths_info(repo_id, paths, revision=revision)
-    except (HfHubHTTPError, OSError) as err:
-        logger.info("Could not read file sizes of %s: %s", repo_id, err)
-        return {}
-    return {info.path: info.size for info in infos if getattr(info, "size", None) is not None}
-
-
-def inspect_mixture(
-    repo_id_or_path: str | os.PathLike[str],
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    local_files_only: bool = False,
-) -> MixtureSummary:
-    """Summarise a mixture (experts, revisions, sizes, settings) from its config alone: no weights are downloaded.
-
-    Sizes come from the folder, or from the Hub's file metadata (``None`` offline or when unavailable).
-    """
-    source = fetch_mixture(
-        repo_id_or_path,
-        revision=revision,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-        with_weights=False,
-    )
-    config = source.config
-    api = _hub_api(token) if not local_files_only else None
-
-    def bundled_path(ref: ExpertRef) -> str:
-        rel = str(safe_relative_path(ref.path or "", what="expert path"))
-        return f"{rel}/{ref.subfolder}" if ref.subfolder else rel
-
-    classifier_size: int | None = None
-    bundled_sizes: dict[str, int] = {}
-    if source.repo_id is None:
-        file = source.folder / CLASSIFIER_WEIGHTS_NAME
-        classifier_size = file.stat().st_size if file.is_file() else None
-        for ref in config.experts.values():
-            if not ref.is_hub:
-                weights = source.folder / bundled_path(ref) / ADAPTER_WEIGHTS_NAME
-                if weights.is_file():
-                    bundled_sizes[bundled_path(ref)] = weights.stat().st_size
-    elif api is not None:
-        wanted = [CLASSIFIER_WEIGHTS_NAME] + [
-            f"{bundled_path(ref)}/{ADAPTER_WEIGHTS_NAME}" for ref in config.experts.values() if not ref.is_hub
-        ]
-        sizes = _remote_sizes(api, source.repo_id, wanted, source.commit or revision)
-        classifier_size = sizes.get(CLASSIFIER_WEIGHTS_NAME)
-        bundled_sizes = {
-            path.rsplit("/", 1)[0]: size for path, size in sizes.items() if path != CLASSIFIER_WEIGHTS_NAME
-        }
-
-    experts = []
-    for name, ref in config.experts.items():
-        if ref.is_hub:
-            size = None
-            if api is not None:
-                path = f"{ref.subfolder}/{ADAPTER_WEIGHTS_NAME}" if ref.subfolder else ADAPTER_WEIGHTS_NAME
-                size = _remote_sizes(api, ref.repo_id, [path], ref.revision).get(path)
-            experts.append(
-                ExpertSummary(name, "hub", ref.repo_id, ref.revision, ref.subfolder, None, ref.is_pinned, size)
-            )
-        else:
-            rel = bundled_path(ref)
-            experts.append(
-                ExpertSummary(name, "bundled", None, None, ref.subfolder, ref.path, True, bundled_sizes.get(rel))
-            )
-    shapes = expected_classifier_shapes(config)
-    return MixtureSummary(
-        source=source.repo_id or str(source.folder),
-        commit=source.commit,
-        format_version=json.loads((source.folder / CONFIG_NAME).read_text(encoding="utf-8"))["format_version"],
-        base_model=config.base_model,
-        hidden_size=config.hidden_size,
-        n_layers=len(config.layer_names or []),
-        n_experts=config.n_experts,
-        experts=experts,
-        settings=settings_dict(config),
-        classifier_parameters=sum(int(torch.Size(s).numel()) for s in shapes.values()),
-        classifier_size_bytes=classifier_size,
-    )
-
-
 __all__ = [
+    "CARD_TAGS",
+    "EXPERT_FILES",
     "EXPERTS_DIR",
+    "LIBRARY_NAME",
+    "MODEL_CARD_NAME",
     "ExpertSummary",
     "MixtureSummary",
+    "check_classifier_file",
+    "classifier_metadata",
+    "clear_connection_errors",
     "expected_classifier_shapes",
     "expert_repo_id",
     "fetch_mixture",
@@ -963,5 +494,10 @@ __all__ = [
     "load_mixture",
     "make_model_card",
     "push_mixture",
+    "read_classifier_header",
+    "read_mixture_config",
     "save_mixture",
+    "settings_dict",
+    "transport_errors",
+    "write_expert_files",
 ]

@@ -1,0 +1,159 @@
+"""Writing a mixture folder: config, classifier, model card, and the experts that live nowhere else."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from safetensors.torch import save_file
+
+from .config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, BaseModelRef, ExpertRef, XLoraConfig
+from .errors import ExpertNotFoundError, IncompatibleExpertError
+from .experts import ADAPTER_WEIGHTS_NAME, ResolvedExpert
+from .mixture_format import _BUNDLED_ATTR, EXPERT_FILES, EXPERTS_DIR, MODEL_CARD_NAME, classifier_metadata
+from .model_card import make_model_card
+
+if TYPE_CHECKING:
+    from .model import XLoraModel
+
+
+@dataclass(frozen=True)
+class _ExpertPlan:
+    """How one expert is written: as a reference, copied from a folder, or exported from the live (trained) model."""
+
+    name: str
+    ref: ExpertRef
+    copy_from: Path | None = None
+    export_trained: bool = False
+
+    @property
+    def bundled(self) -> bool:
+        return self.copy_from is not None or self.export_trained
+
+
+def _bundled_names(model: XLoraModel) -> frozenset[str]:
+    return frozenset(getattr(model, _BUNDLED_ATTR, frozenset()))
+
+
+def _plan_experts(
+    model: XLoraModel, *, bundle_experts: bool, overrides: dict[str, ExpertRef] | None = None
+) -> list[_ExpertPlan]:
+    trained = model.xlora_config.use_trainable_adapters
+    overrides = overrides or {}
+    plans = []
+    for expert in model.experts:
+        bundled_ref = ExpertRef(path=f"{EXPERTS_DIR}/{expert.name}")
+        if trained:
+            plans.append(_ExpertPlan(expert.name, bundled_ref, export_trained=True))
+        elif expert.name in overrides:
+            plans.append(_ExpertPlan(expert.name, overrides[expert.name]))
+        elif bundle_experts or not expert.ref.is_hub:
+            plans.append(_ExpertPlan(expert.name, bundled_ref, copy_from=expert.local_dir))
+        else:
+            plans.append(_ExpertPlan(expert.name, expert.ref))
+    return plans
+
+
+def write_expert_files(model: XLoraModel, expert: ResolvedExpert, dest: Path, *, from_model: bool) -> None:
+    """Write one expert as a peft adapter folder (config + safetensors) into ``dest``.
+
+    ``from_model`` exports the live weights (trained experts); otherwise the expert's files are copied.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    if not from_model:
+        for filename in EXPERT_FILES:
+            source = expert.local_dir / filename
+            if not source.is_file():
+                raise ExpertNotFoundError(
+                    f"Expert {expert.name!r}: {source} is missing; cannot copy it into the mixture."
+                )
+            shutil.copyfile(source, dest / filename)
+        return
+    # peft's own key layout for one adapter: "<module>.lora_A.<name>.weight" is saved as "<module>.lora_A.weight".
+    peft_model = model.peft_model
+    pattern = re.compile(rf"\.(lora_[A-Za-z_]+)\.{re.escape(expert.name)}(?=\.|$)")
+    state = {}
+    for key, value in peft_model.state_dict().items():
+        renamed, found = pattern.subn(r".\1", key)
+        if found:
+            state[renamed] = value.detach().to("cpu").contiguous()
+    if not state:
+        raise IncompatibleExpertError(f"Expert {expert.name!r}: no LoRA weights found in the model to save.")
+    save_file(state, str(dest / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    peft_config = copy.deepcopy(peft_model.peft_config[expert.name])
+    peft_config.inference_mode = True
+    peft_config.save_pretrained(str(dest))
+
+
+def _write_mixture(
+    model: XLoraModel,
+    folder: Path,
+    plans: list[_ExpertPlan],
+    *,
+    repo_id: str | None = None,
+    base_model: BaseModelRef | None = None,
+) -> XLoraConfig:
+    """Write the three files (and bundled experts) of a mixture into an empty ``folder``."""
+    by_name = {expert.name: expert for expert in model.experts}
+    for plan in plans:
+        if plan.bundled:
+            write_expert_files(
+                model, by_name[plan.name], folder / EXPERTS_DIR / plan.name, from_model=plan.export_trained
+            )
+    config = model.xlora_config.replace(experts={plan.name: plan.ref for plan in plans})
+    if base_model is not None:
+        config = config.replace(base_model=base_model)
+    state = {key: value.detach().to("cpu").contiguous() for key, value in model.classifier.state_dict().items()}
+    save_file(state, str(folder / CLASSIFIER_WEIGHTS_NAME), metadata=classifier_metadata(config))
+    config.save(folder / CONFIG_NAME)
+    make_model_card(config, repo_id=repo_id).save(str(folder / MODEL_CARD_NAME))
+    return config
+
+
+def _install(source: Path, target: Path) -> None:
+    """Move a written mixture into ``target``; each file and expert folder is replaced atomically."""
+    if not target.exists():
+        os.replace(source, target)
+        return
+    experts = source / EXPERTS_DIR
+    if experts.is_dir():
+        (target / EXPERTS_DIR).mkdir(exist_ok=True)
+        for folder in sorted(experts.iterdir()):
+            final = target / EXPERTS_DIR / folder.name
+            trash = None
+            if final.exists():
+                trash = source / f".old-{folder.name}"
+                os.replace(final, trash)
+            os.replace(folder, final)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+    for name in (CLASSIFIER_WEIGHTS_NAME, MODEL_CARD_NAME, CONFIG_NAME):  # config last: it names the rest
+        os.replace(source / name, target / name)
+
+
+def save_mixture(model: XLoraModel, save_directory: str | os.PathLike[str], *, bundle_experts: bool = False) -> Path:
+    """Write a mixture folder: config, classifier, model card, and the experts that live nowhere else.
+
+    Hub experts stay references (``bundle_experts=True`` copies them too, for a self-contained folder).
+    Local-folder experts are always copied into ``experts/<name>/`` and referenced relatively, and trained
+    experts (``use_trainable_adapters``) are exported from the model, so a saved mixture never points at
+    an absolute path. Everything is written to a temporary folder first, then moved in place.
+    """
+    target = Path(save_directory).expanduser()
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{str(target)!r} is a file; `save_pretrained` needs a folder.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    plans = _plan_experts(model, bundle_experts=bundle_experts)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _write_mixture(model, tmp, plans)
+        _install(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,86 @@
+"""The model card of a mixture, made with ``huggingface_hub.ModelCard``: metadata, experts, settings, usage."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, FORMAT_VERSION, ExpertRef, XLoraConfig
+from .mixture_format import CARD_TAGS, EXPERTS_DIR, LIBRARY_NAME, _is_hub_id, expected_classifier_shapes, settings_dict
+
+
+def _hub_url(repo_id: str, revision: str | None, subfolder: str | None) -> str:
+    from huggingface_hub import constants
+
+    url = f"{constants.ENDPOINT.rstrip('/')}/{repo_id}/tree/{revision or 'main'}"
+    return url + (f"/{subfolder}" if subfolder else "")
+
+
+def _expert_row(index: int, name: str, ref: ExpertRef) -> str:
+    if ref.is_hub:
+        source = f"[{ref.repo_id}]({_hub_url(ref.repo_id, ref.revision, ref.subfolder)})"
+        revision = f"`{ref.revision[:12] if ref.is_pinned else ref.revision}`" if ref.revision else "latest (unpinned)"
+    else:
+        source = f"bundled: [`{ref.path}`]({ref.path})"
+        revision = "this repo"
+    return f"| {index} | `{name}` | {source} | {revision} | {ref.subfolder or ''} |"
+
+
+def make_model_card(config: XLoraConfig, *, repo_id: str | None = None):
+    """A ``huggingface_hub.ModelCard`` for a mixture: metadata, expert table, settings and a usage snippet."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = config.base_model
+    data = ModelCardData(
+        base_model=base.repo_id if base is not None and _is_hub_id(base.repo_id) else None,
+        library_name=LIBRARY_NAME,
+        tags=list(CARD_TAGS),
+    )
+    shapes = expected_classifier_shapes(config)
+    n_params = sum(int(torch.Size(shape).numel()) for shape in shapes.values())
+    base_text = (f"`{base.repo_id}`" + (f" at `{base.revision}`" if base.revision else "")) if base else "a base model"
+    title = repo_id or "X-LoRA mixture"
+    rows = "\n".join(_expert_row(i, name, ref) for i, (name, ref) in enumerate(config.experts.items()))
+    settings = "\n".join(f"| `{key}` | `{json.dumps(value)}` |" for key, value in settings_dict(config).items())
+    load_id = repo_id or "path/to/this/folder"
+    n_hub = sum(ref.is_hub for ref in config.experts.values())
+    where = (
+        f"*references* to {n_hub} expert repos, each pinned to a commit so the mixture never changes under its users"
+        if n_hub
+        else "no reference to other repos"
+    )
+    if n_hub < config.n_experts:
+        where += f"; {config.n_experts - n_hub} expert(s) are bundled in `{EXPERTS_DIR}/`"
+    body = f"""
+# {title}
+
+An [X-LoRA](https://arxiv.org/abs/2402.07148) mixture of {config.n_experts} LoRA experts over {base_text}, made with
+xlora-hub. This repo holds the gating classifier ({n_params:,d} parameters, {len(config.layer_names or [])} X-LoRA
+layers, hidden size {config.hidden_size}) and {where}.
+
+## Experts
+
+| # | Expert | Source | Revision | Subfolder |
+|---|---|---|---|---|
+{rows}
+
+## X-LoRA settings
+
+| Setting | Value |
+|---|---|
+{settings}
+
+## Usage
+
+```python
+from xlora_hub import XLoraModel
+
+# Downloads the classifier, each expert at its pinned revision, and the base model.
+model = XLoraModel.from_pretrained("{load_id}")
+```
+
+`xlora_hub.inspect_mixture("{load_id}")` shows the experts and settings without downloading any weights.
+Files: `{CONFIG_NAME}` (xlora-hub format version {FORMAT_VERSION}), `{CLASSIFIER_WEIGHTS_NAME}`.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
