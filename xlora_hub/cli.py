@@ -32,8 +32,6 @@ EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE = 0, 1, 2
 BENCH_SCRIPT = Path("benchmarks") / "bench_generation.py"
 
 # Files of a base model repo that loading it (and its tokenizer) needs; never pickles.
-BASE_MODEL_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
-
 _ANSI_BACKGROUNDS = (41, 42, 43, 44, 45, 46, 101, 102, 103, 104, 105, 106)
 
 
@@ -550,69 +548,10 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- pull
-@dataclass
-class PullResult:
-    """What :func:`pull_mixture` put in the cache (or the local folder), each with the commit it resolved to."""
-
-    mixture: str
-    folder: Path
-    commit: str | None
-    experts: dict[str, str] = field(default_factory=dict)
-    base_model: str | None = None
-
-
-def pull_mixture(
-    repo_id_or_path: str,
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    local_dir: str | os.PathLike[str] | None = None,
-    include_base_model: bool = True,
-) -> PullResult:
-    """Download a mixture, each Hub expert at its pinned revision and the base model, so it loads offline.
-
-    The mixture's files go to the cache (or ``local_dir``); experts and the base model go to the cache.
-    A local mixture folder only has its Hub experts and base model fetched.
-    """
-    from huggingface_hub import snapshot_download
-
-    from .config import CLASSIFIER_WEIGHTS_NAME
-    from .errors import InvalidConfigError
-    from .experts import resolve_expert
-    from .hub import check_classifier_file, fetch_mixture, read_mixture_config
-
-    hub = dict(token=token, cache_dir=cache_dir)
-    if _is_local(repo_id_or_path):
-        if local_dir is not None:
-            raise InvalidConfigError(f"--local-dir applies to Hub mixtures; {repo_id_or_path!r} is already local.")
-        source = fetch_mixture(repo_id_or_path, revision=revision)
-        folder, config, commit, label = source.folder, source.config, None, str(source.folder)
-    else:
-        source = fetch_mixture(repo_id_or_path, revision=revision, with_weights=False, **hub)  # config checked first
-        commit, label = source.commit, repo_id_or_path
-        folder = Path(snapshot_download(repo_id_or_path, revision=commit or revision, local_dir=local_dir, **hub))
-        config = read_mixture_config(folder / "xlora_config.json", what=f"Mixture {label!r}")
-        check_classifier_file(folder / CLASSIFIER_WEIGHTS_NAME, config, what=f"Mixture {label!r}")
-    result = PullResult(mixture=label, folder=folder, commit=commit)
-    for name, ref in config.experts.items():
-        if ref.is_hub:
-            expert = resolve_expert(name, ref, **hub)
-            result.experts[name] = str(expert.pinned_ref())
-        else:
-            resolve_expert(name, ref, base_dir=folder)  # bundled: check its files are there
-            result.experts[name] = f"bundled ({ref.path})"
-    base = config.base_model
-    if include_base_model and base is not None and not _is_local(base.repo_id):
-        path = snapshot_download(base.repo_id, revision=base.revision, allow_patterns=BASE_MODEL_PATTERNS, **hub)
-        result.base_model = f"{base.repo_id}@{Path(path).name}"
-    elif base is not None:
-        result.base_model = f"{base.repo_id} (local folder, not downloaded)" if _is_local(base.repo_id) else None
-    return result
-
-
 def cmd_pull(args: argparse.Namespace) -> int:
-    result = pull_mixture(
+    from .hub import download_mixture
+
+    result = download_mixture(
         args.mixture,
         revision=args.revision,
         token=args.token,
@@ -1151,7 +1090,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
-__all__ = ["PullResult", "build_parser", "expert_refs", "generate_text", "main", "pull_mixture"]
+__all__ = ["build_parser", "expert_refs", "generate_text", "main"]
 
 
 if __name__ == "__main__":

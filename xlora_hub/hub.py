@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ from .config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, BaseModelRef, ExpertRe
 from .errors import (
     ExpertNotFoundError,
     IncompatibleExpertError,
+    InvalidConfigError,
     InvalidMixtureError,
 )
 from .experts import (
@@ -41,6 +42,7 @@ from .experts import (
     PICKLE_WEIGHTS_NAME,
     ResolvedExpert,
     _snapshot_sha,
+    resolve_expert,
     safe_relative_path,
 )
 from .mixture_format import (
@@ -475,6 +477,71 @@ def push_mixture(
         )
 
 
+# ---------------------------------------------------------------------------------------------- download
+BASE_MODEL_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+"""Files of a base model fetched by :func:`download_mixture`: configs, safetensors weights, tokenizer files (never pickles)."""
+
+
+def _is_local_ref(value: str) -> bool:
+    return not _is_hub_id(value)
+
+
+@dataclass
+class DownloadResult:
+    """What :func:`download_mixture` put in the cache (or the local folder), each with the commit it resolved to."""
+
+    mixture: str
+    folder: Path
+    commit: str | None
+    experts: dict[str, str] = field(default_factory=dict)
+    base_model: str | None = None
+
+
+def download_mixture(
+    repo_id_or_path: str,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_dir: str | os.PathLike[str] | None = None,
+    include_base_model: bool = True,
+) -> DownloadResult:
+    """Download a mixture, each Hub expert at its pinned revision and the base model, so it loads offline.
+
+    The mixture's files go to the cache (or ``local_dir``); experts and the base model go to the cache.
+    A local mixture folder only has its Hub experts and base model fetched.
+    """
+    from huggingface_hub import snapshot_download
+
+    hub = dict(token=token, cache_dir=cache_dir)
+    if _is_local_ref(repo_id_or_path):
+        if local_dir is not None:
+            raise InvalidConfigError(f"--local-dir applies to Hub mixtures; {repo_id_or_path!r} is already local.")
+        source = fetch_mixture(repo_id_or_path, revision=revision)
+        folder, config, commit, label = source.folder, source.config, None, str(source.folder)
+    else:
+        source = fetch_mixture(repo_id_or_path, revision=revision, with_weights=False, **hub)  # config checked first
+        commit, label = source.commit, repo_id_or_path
+        folder = Path(snapshot_download(repo_id_or_path, revision=commit or revision, local_dir=local_dir, **hub))
+        config = read_mixture_config(folder / "xlora_config.json", what=f"Mixture {label!r}")
+        check_classifier_file(folder / CLASSIFIER_WEIGHTS_NAME, config, what=f"Mixture {label!r}")
+    result = DownloadResult(mixture=label, folder=folder, commit=commit)
+    for name, ref in config.experts.items():
+        if ref.is_hub:
+            expert = resolve_expert(name, ref, **hub)
+            result.experts[name] = str(expert.pinned_ref())
+        else:
+            resolve_expert(name, ref, base_dir=folder)  # bundled: check its files are there
+            result.experts[name] = f"bundled ({ref.path})"
+    base = config.base_model
+    if include_base_model and base is not None and not _is_local_ref(base.repo_id):
+        path = snapshot_download(base.repo_id, revision=base.revision, allow_patterns=BASE_MODEL_PATTERNS, **hub)
+        result.base_model = f"{base.repo_id}@{Path(path).name}"
+    elif base is not None:
+        result.base_model = f"{base.repo_id} (local folder, not downloaded)" if _is_local_ref(base.repo_id) else None
+    return result
+
+
 __all__ = [
     "CARD_TAGS",
     "EXPERT_FILES",
@@ -486,6 +553,8 @@ __all__ = [
     "check_classifier_file",
     "classifier_metadata",
     "clear_connection_errors",
+    "download_mixture",
+    "DownloadResult",
     "expected_classifier_shapes",
     "expert_repo_id",
     "fetch_mixture",
