@@ -129,7 +129,7 @@ def test_a_foreign_cache_is_refused(pair):
     with torch.no_grad():
         past = tiny_llama()(input_ids=ids, use_cache=True).past_key_values
         assert isinstance(past, DynamicCache) and not isinstance(past, XLoraCache)
-        with pytest.raises(TypeError, match="X-LoRA needs an XLoraCache as `past_key_values`"):
+        with pytest.raises(TypeError, match="X-LoRA needs an XLoraCache as `"):
             ours(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
 
 
@@ -174,3 +174,57 @@ def test_static_routing(experts):
     assert model.generate(**inputs, **GREEDY, routing="static").tolist() == model.generate(**inputs, **GREEDY).tolist()
     with pytest.raises(ValueError, match="`routing` must be 'dynamic' or 'static'"):
         model.generate(**inputs, routing="sometimes")
+
+
+def test_an_explicit_generation_config_still_uses_the_xlora_cache(pair):
+    # transformers 5's GenerationConfig() leaves use_cache as None ("the default", which is a cache):
+    # generation must still give both passes their own cache, not hand the scaling pass the real pass's.
+    from transformers import GenerationConfig
+
+    reference, ours = pair
+    inputs = _batch("left-padded")
+    config = GenerationConfig(**GREEDY)
+    assert config.use_cache is None
+    expected = reference.generate(**inputs, **GREEDY)
+    assert ours.generate(**inputs, generation_config=config).tolist() == expected.tolist()
+    empty = DynamicCache()
+    assert ours.generate(**inputs, **GREEDY, past_key_values=empty).tolist() == expected.tolist()
+
+
+def test_generate_refuses_a_filled_foreign_cache(pair):
+    _, ours = pair
+    inputs = _batch("single")
+    with torch.no_grad():
+        past = tiny_llama()(**inputs, use_cache=True).past_key_values
+    with pytest.raises(TypeError, match="needs an XLoraCache"):
+        ours.generate(**inputs, **GREEDY, past_key_values=past)
+
+
+def greedy_by_full_forward(model, input_ids, steps):
+    """Greedy decoding the slow, obvious way: the whole sequence through forward at every step, no cache."""
+    ids = input_ids
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids, use_cache=False).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_experts_on_the_lm_head_generate(tmp_path):
+    # generate() asks for the last position's logits only (logits_to_keep), so an lm_head expert sees
+    # fewer positions than the scalings cover: it must use the last positions' scalings.
+    dirs = [
+        save_expert(tiny_llama, tmp_path / "head", target_modules=["lm_head", "q_proj"], seed=4, scale=0.5),
+        save_expert(tiny_llama, tmp_path / "mlp", target_modules=["down_proj"], seed=5, scale=0.5),
+    ]
+    model = XLoraModel.from_experts(tiny_llama(), XLoraConfig(experts={"head": dirs[0], "mlp": dirs[1]}))
+    assert any(name.endswith("lm_head") for name in model.xlora_config.layer_names)
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.copy_(torch.randn_like(p) * 2)
+    inputs = _batch("single")
+    cached = model.generate(**inputs, **GREEDY)
+    assert cached.tolist() == model.generate(**inputs, **GREEDY, use_cache=False).tolist()
+    assert cached.tolist() == greedy_by_full_forward(model, inputs["input_ids"], GREEDY["max_new_tokens"]).tolist()
+    with model.disable_adapter():
+        assert model.generate(**inputs, **GREEDY).tolist() != cached.tolist()

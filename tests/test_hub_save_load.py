@@ -130,6 +130,32 @@ def test_base_model_loaded_from_the_config_reference(expert_dirs, tmp_path):
     torch.testing.assert_close(logits(double).float(), logits(model), rtol=1e-4, atol=1e-4)
 
 
+def test_relative_base_model_path_is_taken_inside_the_mixture(expert_dirs, tmp_path, monkeypatch):
+    # A self-contained folder (the base model inside it, named "./base_model") loads from any directory.
+    from xlora_hub import BaseModelRef
+
+    model = make_mixture(expert_dirs)
+    model.xlora_config = model.xlora_config.replace(base_model=BaseModelRef(repo_id="./base_model"))
+    folder = model.save_pretrained(tmp_path / "mix")
+    tiny_llama().save_pretrained(tmp_path / "mix" / "base_model")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = XLoraModel.from_pretrained(folder)
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    moved = shutil.move(str(folder), str(tmp_path / "moved"))
+    torch.testing.assert_close(logits(XLoraModel.from_pretrained(moved)), logits(model), rtol=0, atol=0)
+    shutil.rmtree(Path(moved) / "base_model")
+    with pytest.raises(InvalidMixtureError, match=r"relative path './base_model'.*does not exist.*base_model="):
+        XLoraModel.from_pretrained(moved)
+    config_path = Path(moved) / "xlora_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model"]["repo_id"] = "../outside"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(InvalidMixtureError, match="escapes the mixture"):
+        XLoraModel.from_pretrained(moved)
+
+
 def test_base_model_class_comes_from_its_architectures(tmp_path):
     import transformers
 

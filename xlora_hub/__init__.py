@@ -29,13 +29,19 @@ _LAZY = {
     "inspect_mixture": "hub",
     "MixtureSummary": "hub",
     "ExpertSummary": "hub",
+    "load_mixture": "hub",
+    "train_classifier": "training",
+    "XLoraTrainer": "training",
+    "load_demo_mixture": "demo_mixture",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import XLoraCache
     from .classifier import XLoraClassifier
-    from .hub import ExpertSummary, MixtureSummary, inspect_mixture
+    from .demo_mixture import load_demo_mixture
+    from .hub import ExpertSummary, MixtureSummary, inspect_mixture, load_mixture
     from .model import XLoraModel
+    from .training import XLoraTrainer, train_classifier
 
 
 def __getattr__(name: str) -> Any:
@@ -66,6 +72,10 @@ __all__ = [
     "XLoraConfig",
     "XLoraHubError",
     "XLoraModel",
+    "XLoraTrainer",
     "__version__",
     "inspect_mixture",
+    "load_demo_mixture",
+    "load_mixture",
+    "train_classifier",
 ]

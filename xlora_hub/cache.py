@@ -8,6 +8,9 @@ to both, so the two passes always see the same past tokens.
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 from transformers.cache_utils import DynamicCache
 
@@ -38,3 +41,25 @@ class XLoraCache(DynamicCache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self.scaling_cache.batch_select_indices(indices)
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+"""The two names of a model's KV-cache argument: ``cache`` since transformers 5.24, ``past_key_values`` before."""
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which ``model.forward`` (and its ``generate``) takes the KV cache."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Take the cache out of ``kwargs`` under either name (callers may use the old or the new one)."""
+    given = {name: kwargs.pop(name) for name in CACHE_ARGUMENTS if name in kwargs}
+    values = [value for value in given.values() if value is not None]
+    if len(values) > 1:
+        raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
+    return values[0] if values else None

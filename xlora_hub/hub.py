@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -278,6 +278,41 @@ def _warn_on_base_mismatch(model: XLoraModel) -> None:
             )
 
 
+_HUB_ID_SHAPE = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def _resolve_base_model_ref(source: _MixtureSource) -> BaseModelRef:
+    """The config's base model, with a relative path (``./base_model``) taken inside the mixture folder.
+
+    A relative path is resolved against the mixture, not the working directory, so a self-contained
+    folder loads from anywhere; it must stay inside the mixture and exist there.
+    """
+    ref = source.config.base_model
+    assert ref is not None
+    text = ref.repo_id
+    if os.path.isabs(os.path.expanduser(text)):
+        return ref
+    explicit = text.startswith(("./", "../", ".\\"))
+    if not explicit and ".." in PurePosixPath(text.replace("\\", "/")).parts:
+        explicit = True
+    if explicit:
+        rel = safe_relative_path(text, what=f"Mixture {source.label}: base model path")
+    elif _HUB_ID_SHAPE.match(text):
+        rel = PurePosixPath(text)
+    else:
+        return ref
+    folder = source.folder / rel
+    if folder.is_dir():
+        return BaseModelRef(repo_id=str(folder.resolve()), revision=None)
+    if not explicit:
+        return ref  # a Hub repo id such as "gpt2" or "my-org/base"
+    where = "this Hub mixture does not carry it" if source.repo_id else f"{folder} does not exist"
+    raise InvalidMixtureError(
+        f"Mixture {source.label} names its base model by the relative path {text!r}, but {where}; pass "
+        "`base_model=` (the transformers model it was made on)."
+    )
+
+
 def load_mixture(
     repo_id_or_path: str | os.PathLike[str],
     *,
@@ -313,9 +348,10 @@ def load_mixture(
             raise InvalidMixtureError(
                 f"Mixture {source.label} names no base model; pass `base_model=` (the transformers model it was made on)."
             )
-        with clear_connection_errors(f"Mixture {source.label}: base model {source.config.base_model.repo_id!r}"):
+        base_ref = _resolve_base_model_ref(source)
+        with clear_connection_errors(f"Mixture {source.label}: base model {base_ref.repo_id!r}"):
             base_model = load_base_model(
-                source.config.base_model,
+                base_ref,
                 token=token,
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,

@@ -199,10 +199,14 @@ def _tokens_view(multiplier: torch.Tensor, x: torch.Tensor, module_name: str) ->
 
     Most layers see ``[b, s, in]``; some models flatten tokens to ``[b*s, in]`` (OPT's fc1/fc2).
     A layer that sees one vector per sample (``[b, in]``, e.g. BERT's pooler, which reads the first
-    token) uses the first token's scalings.
+    token) uses the first token's scalings. A layer that sees only the last positions (an ``lm_head``
+    under ``logits_to_keep``, as in generation) uses those positions' scalings.
     """
     if x.dim() == multiplier.dim():
-        return multiplier
+        seq = x.shape[-2]
+        if multiplier.shape[1] in (1, seq) or seq > multiplier.shape[1]:
+            return multiplier
+        return multiplier[:, -seq:, :]
     lead = x.shape[:-1]
     rows = multiplier.shape[0] * multiplier.shape[1]
     if rows == 1:

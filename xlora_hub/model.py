@@ -25,7 +25,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .cache import XLoraCache
+from .cache import CACHE_ARGUMENTS, XLoraCache, cache_argument, pop_cache
 from .classifier import XLoraClassifier
 from .config import BaseModelRef, ExpertRef, XLoraConfig
 from .errors import IncompatibleExpertError, InvalidConfigError, InvalidMixtureError
@@ -43,7 +43,7 @@ _REAL_PASS_ONLY = frozenset(
         "return_dict",
         "logits_to_keep",
         "num_logits_to_keep",
-        "past_key_values",
+        *CACHE_ARGUMENTS,
         "use_cache",
         "return_loss",
     }
@@ -106,6 +106,7 @@ class XLoraModel(nn.Module):
         self._latest_scalings: torch.Tensor | None = None
         self._scalings_logging = False
         self._scalings_log: list[torch.Tensor] = []
+        self._cache_argument = cache_argument(model)
 
         names = xlora_config.expert_names
         self.xlora_layers: list[XLoraLayer] = []
@@ -298,7 +299,7 @@ class XLoraModel(nn.Module):
     def _last_hidden_state(self, model_kwargs: dict[str, Any], cache: XLoraCache | None) -> torch.Tensor:
         kwargs = {k: v for k, v in model_kwargs.items() if k not in _REAL_PASS_ONLY}
         if cache is not None:
-            kwargs["past_key_values"] = cache.scaling_cache
+            kwargs[self._cache_argument] = cache.scaling_cache
             kwargs["use_cache"] = True
         elif self._supports_cache():
             kwargs["use_cache"] = False
@@ -314,27 +315,28 @@ class XLoraModel(nn.Module):
 
     def _prepare_cache(self, model_kwargs: dict[str, Any]) -> XLoraCache | None:
         """Pick the cache of this call: the caller's XLoraCache, a new one, or none."""
-        past = model_kwargs.get("past_key_values")
+        past = pop_cache(model_kwargs)
         if past is not None:
             if not isinstance(past, XLoraCache):
                 if hasattr(past, "get_seq_length") and past.get_seq_length() == 0:
                     past = None
                 else:
                     raise TypeError(
-                        f"X-LoRA needs an XLoraCache as `past_key_values` (the scaling pass keeps its own cache), got "
-                        f"{type(past).__name__}. Pass `xlora_hub.XLoraCache(config=model.config)` or the "
-                        "`past_key_values` returned by the previous call."
+                        f"X-LoRA needs an XLoraCache as `{self._cache_argument}` (the scaling pass keeps its own "
+                        f"cache), got {type(past).__name__}. Pass `xlora_hub.XLoraCache(config=model.config)` or the "
+                        "cache returned by the previous call."
                     )
             else:
+                model_kwargs[self._cache_argument] = past
                 return past
         use_cache = model_kwargs.get("use_cache")
         if use_cache is None:
             use_cache = bool(getattr(self.config, "use_cache", False))
         if use_cache and self._supports_cache():
             cache = XLoraCache(config=self.config)
-            model_kwargs["past_key_values"] = cache
+            model_kwargs[self._cache_argument] = cache
             return cache
-        model_kwargs["past_key_values"] = None
+        model_kwargs[self._cache_argument] = None
         return None
 
     def compute_scalings(self, model_kwargs: dict[str, Any], cache: XLoraCache | None = None) -> torch.Tensor:
@@ -346,14 +348,23 @@ class XLoraModel(nn.Module):
             self._scalings_log.append(scalings.detach())
         return scalings
 
-    def forward(self, input_ids: torch.Tensor | None = None, **kwargs: Any):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
         """The two passes; takes and returns what the wrapped ``transformers`` model does.
 
-        ``past_key_values`` must be an :class:`XLoraCache` (one is made when ``use_cache`` is on) so
-        that the scaling pass keeps its own cache.
+        The KV cache (``cache``, or ``past_key_values`` as before transformers 5.24) must be an
+        :class:`XLoraCache` (one is made when ``use_cache`` is on) so that the scaling pass keeps its own cache.
         """
-        if input_ids is not None:
-            kwargs["input_ids"] = input_ids
+        # The common arguments are named (not only in **kwargs) so that `transformers.Trainer` finds
+        # `labels` and keeps these dataset columns, as it does for the wrapped model.
+        for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels)):
+            if value is not None:
+                kwargs[name] = value
         if self._disabled:
             return self.model(**kwargs)
         cache = self._prepare_cache(kwargs)
@@ -378,9 +389,24 @@ class XLoraModel(nn.Module):
         if self._disabled:
             return self.model.generate(*args, **kwargs)
         generation_config = kwargs.get("generation_config") or self.generation_config
-        use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
-        if use_cache and kwargs.get("past_key_values") is None and self._supports_cache():
-            kwargs["past_key_values"] = XLoraCache(config=self.config)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(generation_config, "use_cache", None)
+        if use_cache is None:  # transformers' own default: generate with a cache
+            use_cache = True
+        past = pop_cache(kwargs)
+        if past is not None and not isinstance(past, XLoraCache):
+            if hasattr(past, "get_seq_length") and past.get_seq_length() == 0:
+                past = None  # an empty cache of another type: use ours instead
+            else:
+                raise TypeError(
+                    f"X-LoRA generation needs an XLoraCache as `{self._cache_argument}` (the scaling pass keeps its "
+                    f"own cache), got {type(past).__name__}. Pass `xlora_hub.XLoraCache(config=model.config)` or none."
+                )
+        if past is None and use_cache and self._supports_cache():
+            past = XLoraCache(config=self.config)
+        if past is not None:
+            kwargs[self._cache_argument] = past
         static: list[torch.Tensor] = []
 
         def before(module: nn.Module, hook_args: tuple, hook_kwargs: dict[str, Any]):
@@ -392,9 +418,14 @@ class XLoraModel(nn.Module):
                     static.append(self._prompt_scalings(model_kwargs))
                 self.routing.scalings = static[0]
                 return
-            past = model_kwargs.get("past_key_values")
-            cache = past if isinstance(past, XLoraCache) else None
-            scalings = self.compute_scalings(model_kwargs, cache)
+            past = next((model_kwargs[n] for n in CACHE_ARGUMENTS if model_kwargs.get(n) is not None), None)
+            if past is not None and not isinstance(past, XLoraCache):
+                raise TypeError(
+                    f"X-LoRA generation got a {type(past).__name__} instead of its XLoraCache (a `cache_implementation` "
+                    "other than the default dynamic cache?); the scaling pass would lose its past tokens. Use the "
+                    "default cache or `use_cache=False`."
+                )
+            scalings = self.compute_scalings(model_kwargs, past)
             self.routing.scalings = self._process_scalings(scalings)
 
         def after(module: nn.Module, hook_args: tuple, hook_kwargs: dict[str, Any], output: Any):
@@ -411,7 +442,7 @@ class XLoraModel(nn.Module):
 
     def _prompt_scalings(self, model_kwargs: dict[str, Any]) -> torch.Tensor:
         """Processed per-sequence scalings ``[batch, 1, n_layers, n_experts]``: the mean over the prompt's real tokens."""
-        model_kwargs = {k: v for k, v in model_kwargs.items() if k != "past_key_values"}
+        model_kwargs = {k: v for k, v in model_kwargs.items() if k not in CACHE_ARGUMENTS}
         scalings = self.compute_scalings(model_kwargs, None)
         mask = model_kwargs.get("attention_mask")
         if mask is None or mask.dim() != 2:

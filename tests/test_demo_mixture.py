@@ -1,0 +1,164 @@
+"""The embedded default mixture: what it scores, that it is reproducible, cached, laid out and pushable.
+
+The full build (about 1.5 minutes on one core) is made once per session in the session's
+``XLORA_HUB_CACHE`` and shared with every other test that loads the demo; the tests that need it are
+``slow``. The quick tests use a small recipe that builds in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import torch
+
+from xlora_hub import XLoraModel
+from xlora_hub.demo_mixture import (
+    BUILD_INFO_NAME,
+    TASKS,
+    DemoRecipe,
+    build_demo_mixture,
+    demo_mixture_path,
+    evaluate_demo_mixture,
+    load_demo_mixture,
+    make_task_examples,
+    push_demo_mixture,
+    read_build_info,
+    weights_digest,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and several threads crawl when other processes share the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+SMALL = DemoRecipe(
+    pretrain_examples=200,
+    pretrain_steps=15,
+    expert_examples=64,
+    expert_steps=6,
+    classifier_examples=16,
+    classifier_epochs=1,
+    batch_size=16,
+)
+
+
+@pytest.fixture(scope="session")
+def demo_folder():
+    return build_demo_mixture(progress=False)
+
+
+def _logits(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+# ---------------------------------------------------------------------------------------------- the real mixture
+@pytest.mark.slow
+def test_demo_mixture_routes_and_matches_its_experts(demo_folder):
+    info = read_build_info(demo_folder)
+    print(f"\ndemo mixture build: {info['build_seconds']} s {info['phase_seconds']}")
+    report = evaluate_demo_mixture(n_per_task=100)  # prints the table (pytest -s shows it)
+    assert [t.task for t in report.tasks] == list(TASKS)
+    for t in report.tasks:
+        assert t.routing >= 0.9, report.format()
+        assert t.own_expert >= 0.9, report.format()
+        assert t.mixture >= t.own_expert - 0.05, report.format()
+        assert t.mixture >= t.base + 0.7, report.format()  # far above the base model
+        assert t.base <= 0.05, report.format()
+        others = [score for name, score in t.experts.items() if name != t.task]
+        assert max(others) <= 0.2, report.format()  # each expert knows its own task only
+    assert report.routing_accuracy >= 0.9
+
+
+@pytest.mark.slow
+def test_demo_mixture_layout_and_cache(demo_folder):
+    from peft import PeftConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((demo_folder / "xlora_config.json").read_text())
+    assert [e["name"] for e in config["experts"]] == list(TASKS)
+    assert [e["path"] for e in config["experts"]] == [f"experts/{t}" for t in TASKS]
+    assert config["base_model"] == {"repo_id": "./base_model"}
+    for task in TASKS:  # each expert is a plain peft adapter folder
+        assert PeftConfig.from_pretrained(str(demo_folder / "experts" / task)).r == 8
+    tokenizer = AutoTokenizer.from_pretrained(demo_folder / "base_model")
+    base = AutoModelForCausalLM.from_pretrained(demo_folder / "base_model")
+    assert type(base).__name__ == "LlamaForCausalLM"
+    assert tokenizer.decode(tokenizer("rev:ABC=")["input_ids"]) == "rev:ABC="
+
+    # A second call reuses the cached build: same folder, untouched.
+    stamp = (demo_folder / BUILD_INFO_NAME).stat().st_mtime_ns
+    model, tokenizer = load_demo_mixture(progress=False)
+    assert (demo_folder / BUILD_INFO_NAME).stat().st_mtime_ns == stamp
+    example = make_task_examples("up", 1, seed=99)[0]
+    ids = tokenizer(example["prompt"], return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True) == example["completion"]
+
+
+@pytest.mark.slow
+def test_full_build_is_bitwise_reproducible(demo_folder, tmp_path):
+    again = build_demo_mixture(cache_dir=tmp_path, progress=False)
+    assert weights_digest(again) == weights_digest(demo_folder) == read_build_info(demo_folder)["weights_sha256"]
+
+
+# ---------------------------------------------------------------------------------------------- quick recipe
+def test_small_build_is_reproducible_and_atomic(tmp_path):
+    torch.set_num_threads(2)
+    first = build_demo_mixture(cache_dir=tmp_path / "a", recipe=SMALL, progress=False)
+    second = build_demo_mixture(cache_dir=tmp_path / "b", recipe=SMALL, progress=False)
+    other_seed = build_demo_mixture(seed=1, cache_dir=tmp_path / "a", recipe=SMALL, progress=False)
+    assert first == demo_mixture_path(cache_dir=tmp_path / "a", recipe=SMALL) != demo_mixture_path(cache_dir=tmp_path)
+    assert weights_digest(first) == weights_digest(second) == read_build_info(first)["weights_sha256"]
+    assert weights_digest(other_seed) != weights_digest(first)
+    assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()  # settings restored
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([first.name, other_seed.name])
+
+    # force rebuilds in place; the result is the same.
+    assert weights_digest(build_demo_mixture(cache_dir=tmp_path / "a", recipe=SMALL, force=True, progress=False)) == (
+        weights_digest(first)
+    )
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([first.name, other_seed.name])
+
+
+def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    import xlora_hub.demo_mixture as demo
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "_train_classifier", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_demo_mixture(cache_dir=tmp_path, recipe=SMALL, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_push_demo_mixture_as_separate_repos(hub, tmp_path):
+    from huggingface_hub import HfApi
+
+    repo_id = f"alice/demo-{uuid.uuid4().hex[:8]}"
+    model, tokenizer = load_demo_mixture(cache_dir=tmp_path / "build", recipe=SMALL, progress=False)
+    push_demo_mixture(repo_id, cache_dir=tmp_path / "build", recipe=SMALL, token=hub.token)
+    api = HfApi(token=hub.token)
+    for suffix in ["base", *TASKS]:
+        assert api.model_info(f"{repo_id}-{suffix}").sha
+    config = json.loads(open(api.hf_hub_download(repo_id, "xlora_config.json", cache_dir=tmp_path / "hf")).read())
+    assert config["base_model"]["repo_id"] == f"{repo_id}-base" and len(config["base_model"]["revision"]) == 40
+    assert [e["repo_id"] for e in config["experts"]] == [f"{repo_id}-{t}" for t in TASKS]
+
+    loaded = XLoraModel.from_pretrained(repo_id, token=hub.token, cache_dir=tmp_path / "hf")
+    texts = [make_task_examples(t, 1, seed=5)[0]["prompt"] for t in TASKS]
+    torch.testing.assert_close(_logits(loaded, tokenizer, texts), _logits(model, tokenizer, texts), rtol=0, atol=0)
+
+
+def test_bad_seed():
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        build_demo_mixture(seed=-1)
