@@ -130,6 +130,18 @@ def test_base_model_loaded_from_the_config_reference(expert_dirs, tmp_path):
     torch.testing.assert_close(logits(double).float(), logits(model), rtol=1e-4, atol=1e-4)
 
 
+def test_base_model_loaded_from_a_relative_folder_is_recorded_absolute(expert_dirs, tmp_path, monkeypatch):
+    import transformers
+
+    monkeypatch.chdir(tmp_path)
+    tiny_llama().save_pretrained("base")
+    model = make_mixture(expert_dirs, base=transformers.AutoModelForCausalLM.from_pretrained("base"))
+    assert model.xlora_config.base_model.repo_id == str((tmp_path / "base").resolve())
+    model.save_pretrained("mix")
+    monkeypatch.chdir(expert_dirs["math"])  # anywhere else
+    torch.testing.assert_close(logits(XLoraModel.from_pretrained(tmp_path / "mix")), logits(model), rtol=0, atol=0)
+
+
 def test_relative_base_model_path_is_taken_inside_the_mixture(expert_dirs, tmp_path, monkeypatch):
     # A self-contained folder (the base model inside it, named "./base_model") loads from any directory.
     from xlora_hub import BaseModelRef

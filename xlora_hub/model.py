@@ -76,6 +76,9 @@ def _base_model_ref(model: nn.Module) -> BaseModelRef | None:
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not name:
         return None
+    if os.path.isdir(os.path.expanduser(str(name))):
+        # a local folder: recorded absolute, so the mixture does not depend on the directory it was made from
+        return BaseModelRef(repo_id=os.path.abspath(os.path.expanduser(str(name))))
     revision = getattr(getattr(model, "config", None), "_commit_hash", None) or cached_commit_sha(str(name))
     return BaseModelRef(repo_id=str(name), revision=revision or None)
 
