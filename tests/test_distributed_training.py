@@ -81,6 +81,7 @@ def test_two_processes_train_like_one(setup):
     root, tokenizer, initial = setup
     single = _train(root, "single", processes=1, batch_size=8)
     ddp = _train(root, "ddp", processes=2, batch_size=4)  # the same global batch of 8
+    print(f"initial loss {initial:.4f}\none process: {single}\ntwo processes: {ddp}")  # shown with `pytest -s`
     assert single["world_size"] == 1 and ddp["world_size"] == 2
     assert ddp["global_step"] == single["global_step"] == 16
     # The loss the Trainer logs is the real per-token loss, not divided by the number of processes.

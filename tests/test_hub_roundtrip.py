@@ -413,3 +413,15 @@ def test_server_failures_leave_no_partial_state(hub, pushed, tmp_path, target, k
     hub.server.clear_faults()
     loaded = load_mixture(pushed["repo_id"], base_model=tiny_llama(), cache_dir=cache)  # the same cache recovers
     torch.testing.assert_close(logits(loaded), pushed["logits"], rtol=0, atol=0)
+
+
+def test_pushing_a_mixture_on_a_local_base_model_warns(hub, world, tmp_path, caplog):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = XLoraModel.from_experts(base, XLoraConfig(experts={"math": world["repos"]["math"]}), cache_dir=tmp_path)
+    repo_id = unique("local-base")
+    with caplog.at_level("WARNING", logger="xlora_hub.hub"):
+        model.push_to_hub(repo_id, token=hub.token)
+    assert f"local folder {str(tmp_path / 'base')!r}" in caplog.text and "base_model=" in caplog.text
+    loaded = load_mixture(repo_id, base_model=tiny_llama(), cache_dir=tmp_path / "fresh")
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)

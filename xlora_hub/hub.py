@@ -499,6 +499,13 @@ def push_mixture(
     plans = _plan_experts(model, bundle_experts=bundle_experts, overrides=overrides)
     with tempfile.TemporaryDirectory(prefix="xlora-mixture-") as tmp:
         base = _pin_base_model(model.xlora_config.base_model, api)
+        if base is not None and _is_local_ref(base.repo_id):
+            logger.warning(
+                "The base model of %r is the local folder %r: users of the pushed mixture must pass `base_model=`. "
+                "Push the base model to the Hub and load it from there first to record its repo id.",
+                repo_id,
+                base.repo_id,
+            )
         config = _write_mixture(model, Path(tmp), plans, repo_id=repo_id, base_model=base)
         api.create_repo(repo_id, private=private, exist_ok=True)
         if branch is not None:
