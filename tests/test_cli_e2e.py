@@ -90,6 +90,12 @@ def test_create_train_push_pull_info_generate(hub, tmp_path):
     assert all(SHA.match(e["revision"]) and e["pinned"] for e in info["experts"])  # pinned when pushed
     assert info["base_model"]["repo_id"] == base_repo and SHA.match(info["base_model"]["revision"])
     assert info["settings"]["top_k_lora"] == 2 and info["settings"]["softmax_temperature"] == 0.5
+    # offline, the sizes come from what `pull` put in the cache
+    assert info["classifier_size_bytes"] == len(hub.server.get_file(mix_repo, "xlora_classifier.safetensors"))
+    assert [e["size_bytes"] for e in info["experts"]] == [
+        len(hub.server.get_file(math_repo, "adapters/math/adapter_model.safetensors")),
+        len(hub.server.get_file(code_repo, "adapter_model.safetensors")),
+    ]
     outputs.append(
         out := xlora_hub(
             "generate",

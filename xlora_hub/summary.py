@@ -89,6 +89,20 @@ def _remote_sizes(api: Any, repo_id: str, paths: list[str], revision: str | None
     return {info.path: info.size for info in infos if getattr(info, "size", None) is not None}
 
 
+def _cached_sizes(
+    repo_id: str, paths: list[str], revision: str | None, cache_dir: str | os.PathLike[str] | None
+) -> dict[str, int]:
+    """Sizes of the files already in the local Hub cache (offline: what `xlora-hub pull` downloaded)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    sizes = {}
+    for path in paths:
+        cached = try_to_load_from_cache(repo_id, path, cache_dir=cache_dir, revision=revision)
+        if isinstance(cached, str) and os.path.isfile(cached):
+            sizes[path] = os.path.getsize(cached)
+    return sizes
+
+
 def inspect_mixture(
     repo_id_or_path: str | os.PathLike[str],
     *,
@@ -99,7 +113,8 @@ def inspect_mixture(
 ) -> MixtureSummary:
     """Summarise a mixture (experts, revisions, sizes, settings) from its config alone: no weights are downloaded.
 
-    Sizes come from the folder, or from the Hub's file metadata (``None`` offline or when unavailable).
+    Sizes come from the folder, from the Hub's file metadata, or offline from the local cache (``None``
+    when a file is in none of them).
     """
     from .hub import _hub_api, fetch_mixture  # hub re-exports this module's names
 
@@ -128,11 +143,15 @@ def inspect_mixture(
                 weights = source.folder / bundled_path(ref) / ADAPTER_WEIGHTS_NAME
                 if weights.is_file():
                     bundled_sizes[bundled_path(ref)] = weights.stat().st_size
-    elif api is not None:
+    else:
         wanted = [CLASSIFIER_WEIGHTS_NAME] + [
             f"{bundled_path(ref)}/{ADAPTER_WEIGHTS_NAME}" for ref in config.experts.values() if not ref.is_hub
         ]
-        sizes = _remote_sizes(api, source.repo_id, wanted, source.commit or revision)
+        at = source.commit or revision
+        if api is not None:
+            sizes = _remote_sizes(api, source.repo_id, wanted, at)
+        else:
+            sizes = _cached_sizes(source.repo_id, wanted, at, cache_dir)
         classifier_size = sizes.get(CLASSIFIER_WEIGHTS_NAME)
         bundled_sizes = {
             path.rsplit("/", 1)[0]: size for path, size in sizes.items() if path != CLASSIFIER_WEIGHTS_NAME
@@ -141,10 +160,11 @@ def inspect_mixture(
     experts = []
     for name, ref in config.experts.items():
         if ref.is_hub:
-            size = None
+            path = f"{ref.subfolder}/{ADAPTER_WEIGHTS_NAME}" if ref.subfolder else ADAPTER_WEIGHTS_NAME
             if api is not None:
-                path = f"{ref.subfolder}/{ADAPTER_WEIGHTS_NAME}" if ref.subfolder else ADAPTER_WEIGHTS_NAME
                 size = _remote_sizes(api, ref.repo_id, [path], ref.revision).get(path)
+            else:
+                size = _cached_sizes(ref.repo_id, [path], ref.revision, cache_dir).get(path)
             experts.append(
                 ExpertSummary(name, "hub", ref.repo_id, ref.revision, ref.subfolder, None, ref.is_pinned, size)
             )
