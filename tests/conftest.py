@@ -32,6 +32,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Every model in the suite is tiny: one thread is fastest, and two threads crawl when other processes
+# share the cores (the OpenMP threads wait for each other at every op). Subprocesses choose their own.
+torch.set_num_threads(1)
 
 
 @dataclass

@@ -28,16 +28,6 @@ from xlora_hub.demo_mixture import (
     weights_digest,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and several threads crawl when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 SMALL = DemoRecipe(
     pretrain_examples=200,
     pretrain_steps=15,

@@ -32,16 +32,6 @@ from xlora_hub.training import (
     train_classifier,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and several threads crawl when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 SEQ = 10
 TOKENS_PER_DOMAIN = 8

@@ -23,9 +23,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +44,7 @@ from .errors import (
 )
 from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, safe_relative_path
 from .hub import EXPERT_FILES, load_base_model, load_mixture, read_classifier_header, write_expert_files
+from .staging import check_folder_target, install_entries, staging_folder
 
 if TYPE_CHECKING:
     from .model import XLoraModel
@@ -517,20 +516,6 @@ def save_peft_classifier(peft_model: nn.Module, save_directory: str | os.PathLik
 
 
 # ---------------------------------------------------------------------------------------------- export
-def _install_tree(source: Path, target: Path) -> None:
-    """Move every entry of ``source`` into ``target``, replacing entries of the same name."""
-    if not target.exists():
-        os.replace(source, target)
-        return
-    for entry in sorted(source.iterdir()):
-        final = target / entry.name
-        if final.is_dir() and not final.is_symlink():
-            trash = source / f".old-{entry.name}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(entry, final)
-
-
 def _write_experts(model: XLoraModel, folder: Path, names: Mapping[str, str]) -> None:
     trained = model.xlora_config.use_trainable_adapters
     for expert in model.experts:
@@ -538,16 +523,10 @@ def _write_experts(model: XLoraModel, folder: Path, names: Mapping[str, str]) ->
 
 
 def _export(model: XLoraModel, save_directory: str | os.PathLike[str], writer) -> Path:
-    target = Path(save_directory).expanduser()
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{str(target)!r} is a file; give a folder.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    target = check_folder_target(save_directory, what="the export")
+    with staging_folder(target) as tmp:
         writer(tmp, target.resolve())
-        _install_tree(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        install_entries(tmp, target)
     return target
 
 

@@ -27,9 +27,7 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import string
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .staging import replace_folder, staging_folder
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -316,8 +316,7 @@ def build_demo_mixture(
     if (target / BUILD_INFO_NAME).is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staging_folder(target) as work:
         with deterministic_torch():
             phases = _build_into(work, seed=seed, recipe=recipe, progress=progress)
         info = {
@@ -332,18 +331,8 @@ def build_demo_mixture(
         }
         (work / BUILD_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if (target / BUILD_INFO_NAME).is_file() and not force:  # another process finished the same build first
-            shutil.rmtree(work, ignore_errors=True)
             return target
-        if target.exists():  # force: move the old build aside, then put the new one in its place
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "build")
-            os.replace(work, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(work, target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        replace_folder(work, target)
     return target
 
 

@@ -6,7 +6,6 @@ import copy
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from .errors import ExpertNotFoundError, IncompatibleExpertError
 from .experts import ADAPTER_WEIGHTS_NAME, ResolvedExpert
 from .mixture_format import _BUNDLED_ATTR, EXPERT_FILES, EXPERTS_DIR, MODEL_CARD_NAME, classifier_metadata
 from .model_card import make_model_card
+from .staging import check_folder_target, install_entries, staging_folder
 
 if TYPE_CHECKING:
     from .model import XLoraModel
@@ -124,17 +124,8 @@ def _install(source: Path, target: Path) -> None:
     experts = source / EXPERTS_DIR
     if experts.is_dir():
         (target / EXPERTS_DIR).mkdir(exist_ok=True)
-        for folder in sorted(experts.iterdir()):
-            final = target / EXPERTS_DIR / folder.name
-            trash = None
-            if final.exists():
-                trash = source / f".old-{folder.name}"
-                os.replace(final, trash)
-            os.replace(folder, final)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
-    for name in (CLASSIFIER_WEIGHTS_NAME, MODEL_CARD_NAME, CONFIG_NAME):  # config last: it names the rest
-        os.replace(source / name, target / name)
+        install_entries(experts, target / EXPERTS_DIR)
+    install_entries(source, target, names=[CLASSIFIER_WEIGHTS_NAME, MODEL_CARD_NAME, CONFIG_NAME])  # config last
 
 
 def save_mixture(model: XLoraModel, save_directory: str | os.PathLike[str], *, bundle_experts: bool = False) -> Path:
@@ -145,15 +136,9 @@ def save_mixture(model: XLoraModel, save_directory: str | os.PathLike[str], *, b
     experts (``use_trainable_adapters``) are exported from the model, so a saved mixture never points at
     an absolute path. Everything is written to a temporary folder first, then moved in place.
     """
-    target = Path(save_directory).expanduser()
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{str(target)!r} is a file; `save_pretrained` needs a folder.")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_folder_target(save_directory, what="`save_pretrained`")
     plans = _plan_experts(model, bundle_experts=bundle_experts)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staging_folder(target) as tmp:
         _write_mixture(model, tmp, plans)
         _install(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -27,6 +27,7 @@ import torch
 
 from .config import CONFIG_NAME, XLoraConfig
 from .errors import InvalidConfigError, InvalidMixtureError, XLoraHubError
+from .staging import check_folder_target, replace_folder, staging_folder
 
 MIXTURE_ENV = "XLORA_MIXTURE"
 """Environment variable naming the mixture a Space or ``main()`` serves (Hub repo id or local folder)."""
@@ -497,10 +498,8 @@ def build_space_folder(
     card = read_model_card(mixture_repo, revision=sha, token=token)
     app_dir = spaces_app_dir()
 
-    target = Path(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    target = check_folder_target(folder, what="the Space dry run")
+    with staging_folder(target) as staging:
         shutil.copyfile(app_dir / "app.py", staging / "app.py")
         shutil.copyfile(app_dir / "requirements.txt", staging / "requirements.txt")
         readme = _space_readme(
@@ -518,16 +517,7 @@ def build_space_folder(
         pinned = {"mixture": mixture_repo, "revision": sha, "requested_revision": revision or "main"}
         (staging / SPACE_CONFIG_NAME).write_text(json.dumps(pinned, indent=2) + "\n", encoding="utf-8")
         _vendor_package(staging)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        replace_folder(staging, target)
     return target
 
 
