@@ -228,3 +228,42 @@ def test_experts_on_the_lm_head_generate(tmp_path):
     assert cached.tolist() == greedy_by_full_forward(model, inputs["input_ids"], GREEDY["max_new_tokens"]).tolist()
     with model.disable_adapter():
         assert model.generate(**inputs, **GREEDY).tolist() != cached.tolist()
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_bfloat16_model(experts, upcast):
+    # Experts stay in the model's dtype unless upcast_experts=True. The yardstick for the error bfloat16
+    # brings is peft's X-LoRA in bfloat16 on the same experts and classifier: routing amplifies rounding
+    # (a slightly different hidden state gives slightly different scalings), for peft as for us.
+    reference = peft_reference(tiny_llama, experts)
+    reference.set_scaling_pass_value(0.0)
+    with torch.no_grad():
+        for p in reference.base_model.internal_xlora_classifier.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 2)
+    reference_low = peft_reference(lambda: tiny_llama().to(torch.bfloat16), experts)
+    reference_low.set_scaling_pass_value(0.0)
+    reference_low.base_model.internal_xlora_classifier.load_state_dict(
+        reference.base_model.internal_xlora_classifier.state_dict()
+    )
+    config = XLoraConfig(experts={"x": experts[0], "y": experts[1], "z": experts[2]})
+    low = XLoraModel.from_experts(tiny_llama().to(torch.bfloat16), config, upcast_experts=upcast)
+    copy_classifier_from_peft(low, reference)
+    expert_dtypes = {p.dtype for n, p in low.named_parameters() if "lora_" in n}
+    assert expert_dtypes == {torch.float32 if upcast else torch.bfloat16}
+    inputs = _batch("left-padded")
+    mask = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+        got = low(**inputs).logits
+        peft_low = reference_low(**inputs).logits
+    assert got.dtype == torch.bfloat16
+
+    def relative_error(a, b):
+        return float((a.float() - b.float())[mask].abs().max() / b.float()[mask].abs().max())
+
+    ours, peft_error = relative_error(got, expected), relative_error(peft_low, expected)
+    print(f"bfloat16 relative logit error vs float32: xlora-hub {ours:.3g}, peft {peft_error:.3g}")
+    assert ours < 1.5 * peft_error + 0.005
+    assert relative_error(got, peft_low) < 0.03
+    tokens = low.generate(**inputs, **GREEDY)
+    assert tokens.shape == (3, 6 + GREEDY["max_new_tokens"])
