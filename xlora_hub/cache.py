@@ -63,3 +63,21 @@ def pop_cache(kwargs: dict[str, Any]) -> Any:
     if len(values) > 1:
         raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
     return values[0] if values else None
+
+
+def take_xlora_cache(kwargs: dict[str, Any], argument: str) -> XLoraCache | None:
+    """Pop the caller's cache (either name) as the :class:`XLoraCache` both passes need, or ``None``.
+
+    An empty cache of another type (``DynamicCache()``) is dropped so that one of ours takes its place;
+    a filled one cannot be used (it lacks the scaling pass's past) and is an error.
+    """
+    past = pop_cache(kwargs)
+    if past is None or isinstance(past, XLoraCache):
+        return past
+    if hasattr(past, "get_seq_length") and past.get_seq_length() == 0:
+        return None
+    raise TypeError(
+        f"X-LoRA needs an XLoraCache as `{argument}` (the scaling pass keeps its own cache), got "
+        f"{type(past).__name__}. Pass `xlora_hub.XLoraCache(config=model.config)`, the cache returned by the "
+        "previous call, or none."
+    )

@@ -292,9 +292,7 @@ def _resolve_base_model_ref(source: _MixtureSource) -> BaseModelRef:
     text = ref.repo_id
     if os.path.isabs(os.path.expanduser(text)):
         return ref
-    explicit = text.startswith(("./", "../", ".\\"))
-    if not explicit and ".." in PurePosixPath(text.replace("\\", "/")).parts:
-        explicit = True
+    explicit = text.startswith(("./", "../", ".\\")) or ".." in PurePosixPath(text.replace("\\", "/")).parts
     if explicit:
         rel = safe_relative_path(text, what=f"Mixture {source.label}: base model path")
     elif _HUB_ID_SHAPE.match(text):

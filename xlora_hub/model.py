@@ -25,7 +25,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .cache import CACHE_ARGUMENTS, XLoraCache, cache_argument, pop_cache
+from .cache import CACHE_ARGUMENTS, XLoraCache, cache_argument, take_xlora_cache
 from .classifier import XLoraClassifier
 from .config import BaseModelRef, ExpertRef, XLoraConfig
 from .errors import IncompatibleExpertError, InvalidConfigError, InvalidMixtureError
@@ -318,20 +318,10 @@ class XLoraModel(nn.Module):
 
     def _prepare_cache(self, model_kwargs: dict[str, Any]) -> XLoraCache | None:
         """Pick the cache of this call: the caller's XLoraCache, a new one, or none."""
-        past = pop_cache(model_kwargs)
+        past = take_xlora_cache(model_kwargs, self._cache_argument)
         if past is not None:
-            if not isinstance(past, XLoraCache):
-                if hasattr(past, "get_seq_length") and past.get_seq_length() == 0:
-                    past = None
-                else:
-                    raise TypeError(
-                        f"X-LoRA needs an XLoraCache as `{self._cache_argument}` (the scaling pass keeps its own "
-                        f"cache), got {type(past).__name__}. Pass `xlora_hub.XLoraCache(config=model.config)` or the "
-                        "cache returned by the previous call."
-                    )
-            else:
-                model_kwargs[self._cache_argument] = past
-                return past
+            model_kwargs[self._cache_argument] = past
+            return past
         use_cache = model_kwargs.get("use_cache")
         if use_cache is None:
             use_cache = bool(getattr(self.config, "use_cache", False))
@@ -397,15 +387,7 @@ class XLoraModel(nn.Module):
             use_cache = getattr(generation_config, "use_cache", None)
         if use_cache is None:  # transformers' own default: generate with a cache
             use_cache = True
-        past = pop_cache(kwargs)
-        if past is not None and not isinstance(past, XLoraCache):
-            if hasattr(past, "get_seq_length") and past.get_seq_length() == 0:
-                past = None  # an empty cache of another type: use ours instead
-            else:
-                raise TypeError(
-                    f"X-LoRA generation needs an XLoraCache as `{self._cache_argument}` (the scaling pass keeps its "
-                    f"own cache), got {type(past).__name__}. Pass `xlora_hub.XLoraCache(config=model.config)` or none."
-                )
+        past = take_xlora_cache(kwargs, self._cache_argument)
         if past is None and use_cache and self._supports_cache():
             past = XLoraCache(config=self.config)
         if past is not None:
