@@ -1,0 +1,87 @@
+"""The one answer to "is this a local folder, a Hub repo id, a commit sha, a Hub URL?".
+
+Every place that decides between a local folder and a Hub repo asks here, so the answer cannot depend on
+which module asks. Two questions are kept apart on purpose:
+
+* what a *stored* string means (a ref inside a config file or a model card): decided by its syntax alone,
+  never by what happens to exist in the current working directory;
+* what a *user-typed* argument means (CLI, ``from_pretrained``): an existing folder wins, then path syntax,
+  then a Hub repo id, as ``transformers`` and ``huggingface_hub`` do.
+
+Repo ids are checked with ``huggingface_hub.utils.validate_repo_id``, the Hub client's own rule.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+__all__ = [
+    "has_path_syntax",
+    "hub_url",
+    "is_commit_sha",
+    "is_hub_repo_id",
+    "is_local_argument",
+    "is_stored_hub_id",
+]
+
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+_PATH_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
+
+
+def is_commit_sha(value: object) -> bool:
+    """True for a full 40-hex lowercase git commit sha (what the Hub reports as ``sha``)."""
+    return isinstance(value, str) and _COMMIT_SHA.fullmatch(value) is not None
+
+
+def is_hub_repo_id(value: object) -> bool:
+    """True when ``value`` is a syntactically valid Hub repo id (``name`` or ``owner/name``)."""
+    if not isinstance(value, str) or not value:
+        return False
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def has_path_syntax(value: str | os.PathLike[str]) -> bool:
+    """True when the text itself says "path": a ``PathLike``, ``./``, ``../``, ``/``, ``~``, ``.``, ``..``, a drive."""
+    if isinstance(value, os.PathLike):
+        return True
+    return value.startswith(_PATH_PREFIXES) or value in (".", "..") or os.path.isabs(value)
+
+
+def is_stored_hub_id(value: object) -> bool:
+    """How a ref *stored* in a file is read: a Hub repo id unless its syntax says path (the cwd never matters)."""
+    return isinstance(value, str) and not has_path_syntax(value) and is_hub_repo_id(value)
+
+
+def is_local_argument(value: str | os.PathLike[str]) -> bool:
+    """How a *user-typed* argument is read: an existing file or folder, or path syntax, is local."""
+    return has_path_syntax(value) or Path(os.fspath(value)).expanduser().exists()
+
+
+def hub_url(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    repo_type: str = "model",
+    endpoint: str | None = None,
+) -> str:
+    """The browser URL of a repo (at ``revision``, inside ``subfolder``) on the configured Hub endpoint."""
+    from huggingface_hub import constants
+
+    base = (endpoint or constants.ENDPOINT).rstrip("/")
+    prefix = {"model": "", "dataset": "datasets/", "space": "spaces/"}[repo_type]
+    url = f"{base}/{prefix}{repo_id}"
+    if revision or subfolder:
+        url += f"/tree/{revision or 'main'}"
+        if subfolder:
+            url += f"/{subfolder.strip('/')}"
+    return url
