@@ -303,6 +303,16 @@ def test_train_output_needs_overwrite(world, cli_mixture, experts, tmp_path, cap
     assert code == 0, err  # -o naming the mixture itself is training in place
 
 
+def test_train_in_place_from_inside_the_mixture_is_refused_before_training(
+    world, cli_mixture, tmp_path, capsys, monkeypatch
+):
+    mix = Path(shutil.copytree(cli_mixture, tmp_path / "mix"))
+    before = {p: (mix / p).read_bytes() for p in files(mix)}
+    monkeypatch.chdir(mix)
+    message = assert_user_error(capsys, ["train", ".", "--data", str(world.data)], str(mix), "working directory")
+    assert "Trained" not in message and {p: (mix / p).read_bytes() for p in files(mix)} == before
+
+
 # ---------------------------------------------------------------------------------------------- Space dry run
 @pytest.fixture(scope="module")
 def hub_mixture(hub, experts) -> str:

@@ -67,13 +67,8 @@ def is_empty_folder(path: Path) -> bool:
         return next(entries, None) is None
 
 
-def check_overwrite(
-    target: str | os.PathLike[str], *, overwrite: bool, what: str = "Output folder", replaces: str = "it"
-) -> Path:
-    """The absolute target; an error naming it and ``--overwrite`` when it holds files and ``overwrite`` is false.
-
-    Cheap and side-effect free, so a command can call it before any slow work.
-    """
+def _checked_path(target: str | os.PathLike[str], *, what: str) -> Path:
+    """The absolute target, refused when it is a symbolic link or a file."""
     path = _absolute(target)
     if os.path.islink(path):
         raise InvalidConfigError(
@@ -82,10 +77,31 @@ def check_overwrite(
         )
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{str(path)!r} is a file; {what.lower()} must be a folder.")
-    if not overwrite and not is_empty_folder(path):
+    return path
+
+
+def check_overwrite(
+    target: str | os.PathLike[str], *, overwrite: bool, what: str = "Output folder", replaces: str = "it"
+) -> Path:
+    """The absolute target; an error naming it and ``--overwrite`` when it holds files and ``overwrite`` is false.
+
+    Also refused: a link (never written through), a file, and a non-empty folder that cannot be swapped as a
+    whole (the working directory or a folder above it, a mount point). Cheap and side-effect free, so a
+    command can call it before any slow work.
+    """
+    path = _checked_path(target, what=what)
+    if is_empty_folder(path):
+        return path
+    if not overwrite:
         raise InvalidConfigError(
             f"{what} {str(path)!r} already exists and is not empty; pass --overwrite (overwrite=True) to replace "
             f"{replaces}, or choose a new folder."
+        )
+    reason = _unswappable(path)
+    if reason is not None:  # replacing it would pull the folder from under the shell, or fail half-way
+        raise InvalidConfigError(
+            f"{what} {str(path)!r} is {reason}, so it cannot be replaced as a whole; write to a new folder (for "
+            "example a subfolder of it), or run the command from another folder."
         )
     return path
 
@@ -93,22 +109,11 @@ def check_overwrite(
 def prepare_target(
     target: str | os.PathLike[str], *, overwrite: bool, what: str = "Output folder", replaces: str = "it"
 ) -> Path:
-    """Check a folder target (see :func:`check_overwrite`), clean an interrupted write's leftovers, make its parent.
-
-    A non-empty folder that cannot be swapped as a whole (the working directory, a mount point) is refused
-    even with ``overwrite``: replacing it would pull the folder from under the shell, or fail half-way.
-    """
-    path = check_overwrite(target, overwrite=True, what=what, replaces=replaces)
+    """Check a folder target (see :func:`check_overwrite`), clean an interrupted write's leftovers, make its parent."""
+    path = _checked_path(target, what=what)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_folder(path)  # may bring back a folder an interrupted save left under its backup name
-    check_overwrite(path, overwrite=overwrite, what=what, replaces=replaces)
-    reason = _unswappable(path)
-    if reason is not None and not is_empty_folder(path):
-        raise InvalidConfigError(
-            f"{what} {str(path)!r} is {reason}, so it cannot be replaced as a whole; write to a new folder (for "
-            "example a subfolder of it), or run the command from another folder."
-        )
-    return path
+    return check_overwrite(path, overwrite=overwrite, what=what, replaces=replaces)
 
 
 def _leftover_path(target: Path, kind: str) -> Path:
