@@ -340,11 +340,17 @@ def _where(expert: Any, mixture: Path, *, bundled: bool) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_examples
     from .errors import InvalidConfigError
+    from .staging import check_overwrite
     from .training import train_classifier
 
     output = args.output or args.mixture
     if args.output is None and not _is_local(args.mixture):
         raise InvalidConfigError(f"{args.mixture!r} is a Hub repo: pass -o/--output, the folder to save to.")
+    in_place = args.output is None or (
+        _is_local(args.mixture)
+        and Path(args.output).expanduser().resolve() == Path(args.mixture).expanduser().resolve()
+    )
+    check_overwrite(output, overwrite=args.overwrite or in_place, replaces="the mixture in it")  # before training
     load_examples(args.data)  # a bad data file fails before any model is loaded
     if args.eval_data:
         load_examples(args.eval_data)
@@ -368,7 +374,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         completion_field=args.completion_field,
         progress=not args.quiet,
     )
-    path = model.save_pretrained(output)
+    path = model.save_pretrained(output, overwrite=args.overwrite or in_place)
     lines = [
         f"Trained {result.steps} steps ({result.epochs} epoch{'s' if result.epochs != 1 else ''}): loss "
         f"{result.train_losses[0]:.4f} -> "
@@ -576,6 +582,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import detect_format, export_mistralrs, export_peft, import_mixture
     from .errors import InvalidConfigError
     from .hub import load_base_model
+    from .staging import check_overwrite
 
     adapters = None
     if args.adapter:
@@ -584,6 +591,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("--base-model-id only applies with --to mistralrs.")
     if args.bundle_experts and args.to != "xlora-hub":
         raise UsageError("--bundle-experts only applies with --to xlora-hub (the other formats always bundle).")
+    check_overwrite(  # before anything is downloaded or converted
+        args.dest, overwrite=args.overwrite, replaces="the mixture in it" if args.to == "xlora-hub" else "it"
+    )
     source_format = detect_format(args.source) if Path(args.source).expanduser().is_dir() else None
     base = None
     if args.base_model:
@@ -599,11 +609,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         **_hub_kwargs(args),
     )
     if args.to == "xlora-hub":
-        path = model.save_pretrained(args.dest, bundle_experts=args.bundle_experts)
+        path = model.save_pretrained(args.dest, bundle_experts=args.bundle_experts, overwrite=args.overwrite)
     elif args.to == "peft":
-        path = export_peft(model, args.dest)
+        path = export_peft(model, args.dest, overwrite=args.overwrite)
     else:
-        path = export_mistralrs(model, args.dest, base_model_id=args.base_model_id)
+        path = export_mistralrs(model, args.dest, base_model_id=args.base_model_id, overwrite=args.overwrite)
     _print(f"Converted {args.source}" + (f" ({source_format})" if source_format else "") + f" to {args.to}: {path}")
     return EXIT_OK
 
@@ -621,6 +631,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_space_push(args: argparse.Namespace) -> int:
     from .space import push_space
 
+    if args.overwrite and not args.dry_run:
+        raise UsageError("--overwrite only applies with --dry-run DIR (a pushed Space keeps the files others added).")
     where = push_space(
         args.mixture,
         args.space_repo,
@@ -629,6 +641,7 @@ def cmd_space_push(args: argparse.Namespace) -> int:
         token=args.token,
         revision=args.revision,
         dry_run_dir=args.dry_run,
+        overwrite=args.overwrite,
     )
     if args.dry_run:
         _print(f"Wrote the Space for {args.mixture} to {where} (nothing pushed)")
@@ -770,6 +783,7 @@ def _add_train(add: Callable[..., argparse.ArgumentParser], sub: Any, common: ar
     p.add_argument("--data", required=True, metavar="FILE", help="training data (.jsonl or .txt)")
     p.add_argument("--eval-data", metavar="FILE", help="evaluation data, scored each epoch")
     p.add_argument("-o", "--output", metavar="DIR", help="where to save the trained mixture (default: in place)")
+    p.add_argument("--overwrite", action="store_true", help="replace a mixture (or other files) already in -o DIR")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=1, help="default %(default)s")
     t.add_argument("--lr", type=float, default=1e-3, help="default %(default)s")
@@ -893,6 +907,7 @@ def _add_convert(add: Callable[..., argparse.ArgumentParser], sub: Any, common: 
     p.add_argument("--adapter", action="append", metavar="NAME=REF", help="where an expert is now (repeatable)")
     p.add_argument("--base-model-id", default=None, help="(mistralrs) base model id written in the files")
     p.add_argument("--bundle-experts", action="store_true", help="(xlora-hub) copy Hub experts into DEST")
+    p.add_argument("--overwrite", action="store_true", help="replace what DEST already holds")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     _hub_options(p, revision="revision of SRC (Hub repo only)")
 
@@ -936,6 +951,7 @@ def _add_space(add: Callable[..., argparse.ArgumentParser], sub: Any, common: ar
     sp.add_argument("--private", action="store_true", default=None)
     sp.add_argument("--hardware", default=None, help="Space hardware, e.g. cpu-basic, t4-small")
     sp.add_argument("--dry-run", default=None, metavar="DIR", help="write the Space folder to DIR, push nothing")
+    sp.add_argument("--overwrite", action="store_true", help="(--dry-run) replace what DIR already holds")
     _hub_options(sp, revision="revision of the mixture to pin", cache=False, offline=False)
 
 

@@ -44,7 +44,7 @@ from .errors import (
 )
 from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, safe_relative_path
 from .hub import EXPERT_FILES, load_base_model, load_mixture, read_classifier_header, write_expert_files
-from .staging import check_folder_target, install_entries, staging_folder
+from .staging import prepare_target, replace_folder, staging_folder
 
 if TYPE_CHECKING:
     from .model import XLoraModel
@@ -522,16 +522,20 @@ def _write_experts(model: XLoraModel, folder: Path, names: Mapping[str, str]) ->
         write_expert_files(model, expert, folder / names[expert.name], from_model=trained)
 
 
-def _export(model: XLoraModel, save_directory: str | os.PathLike[str], writer) -> Path:
-    target = check_folder_target(save_directory, what="the export")
+def _export(model: XLoraModel, save_directory: str | os.PathLike[str], writer, *, overwrite: bool) -> Path:
+    """Write an export through the one guarded folder writer: a folder holding files is replaced as a whole only
+    with ``overwrite=True``, and a kill at any point leaves the old or the new folder (:mod:`.staging`)."""
+    target = prepare_target(save_directory, overwrite=overwrite, what="Export folder")
     with staging_folder(target) as tmp:
         writer(tmp, target.resolve())
-        install_entries(tmp, target)
+        replace_folder(tmp, target)
     return target
 
 
-def export_peft(model: XLoraModel, save_directory: str | os.PathLike[str]) -> Path:
+def export_peft(model: XLoraModel, save_directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write the mixture in peft's X-LoRA format, the experts copied into ``<name>/``.
+
+    A ``save_directory`` that already holds files is refused unless ``overwrite=True`` (it is then replaced whole).
 
     ``PeftModel.from_pretrained(base_model, save_directory)`` loads it. peft needs the ``adapters`` keys to be
     ``"0"``..``"n-1"`` and reads the experts from the absolute paths in their values (pass ``adapters=`` to peft if
@@ -566,7 +570,7 @@ def export_peft(model: XLoraModel, save_directory: str | os.PathLike[str]) -> Pa
         }
         save_file(state, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
 
-    return _export(model, save_directory, write)
+    return _export(model, save_directory, write, overwrite=overwrite)
 
 
 def _mistralrs_files(names: Sequence[str]) -> list[str]:
@@ -599,9 +603,15 @@ def mistralrs_expert_names(names: Sequence[str]) -> list[str]:
 
 
 def export_mistralrs(
-    model: XLoraModel, save_directory: str | os.PathLike[str], *, base_model_id: str | None = None
+    model: XLoraModel,
+    save_directory: str | os.PathLike[str],
+    *,
+    base_model_id: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a bundled, mistral.rs-ready folder in the original ``xlora`` layout.
+
+    A ``save_directory`` that already holds files is refused unless ``overwrite=True`` (it is then replaced whole).
 
     Contents: ``xlora_config.json`` (``base_model_id`` and ``enable_relu_and_dropout`` explicit),
     ``xlora_classifier.safetensors`` (keys ``inner.N.*`` / ``last.*``), the experts in ``<name>/`` and
@@ -666,7 +676,7 @@ def export_mistralrs(
         }
         (tmp / MISTRALRS_ORDERING_NAME).write_text(json.dumps(ordering, indent=2) + "\n", encoding="utf-8")
 
-    return _export(model, save_directory, write)
+    return _export(model, save_directory, write, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import ExpertRef
 from .errors import ExpertNotFoundError, IncompatibleExpertError, InvalidMixtureError
+from .paths import resolve_inside
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -55,6 +56,11 @@ def safe_relative_path(value: str, *, what: str) -> PurePosixPath:
             f"{what} {value!r} escapes the mixture: only relative paths inside it are allowed (no '..', no absolute path)."
         )
     return path
+
+
+def _inside(base_dir: str | os.PathLike[str], rel: PurePosixPath, *, name: str, where: str) -> Path:
+    """``base_dir / rel``, refused when a symbolic link takes it out of the mixture (:mod:`.paths`)."""
+    return resolve_inside(base_dir, rel, what=f"Expert {name!r}: bundled {where}")
 
 
 def cached_commit_sha(repo_id: str, *, cache_dir: str | os.PathLike[str] | None = None) -> str | None:
@@ -95,19 +101,24 @@ def resolve_expert(
     """
     if not ref.is_hub:
         assert ref.path is not None
-        if base_dir is not None and not os.path.isabs(os.path.expanduser(ref.path)):
+        inside_mixture = base_dir is not None and not os.path.isabs(os.path.expanduser(ref.path))
+        if inside_mixture:
             rel = safe_relative_path(ref.path, what=f"Expert {name!r} path")
-            folder = Path(base_dir) / rel
         else:
-            folder = Path(os.path.expanduser(ref.path))
+            rel = PurePosixPath()
+            base_dir = Path(os.path.expanduser(ref.path))  # a folder the user named: links inside it stay inside
         if ref.subfolder:
-            folder = folder / safe_relative_path(ref.subfolder, what=f"Expert {name!r} subfolder")
+            rel = rel / safe_relative_path(ref.subfolder, what=f"Expert {name!r} subfolder")
+        folder = _inside(base_dir, rel, name=name, where="folder") if inside_mixture else Path(base_dir) / rel
         if not folder.is_dir():
             raise ExpertNotFoundError(
                 f"Expert {name!r}: local folder {str(folder)!r} does not exist. Check the path, or give a Hub repo id "
                 "('owner/name')."
             )
         _check_files(name, folder)
+        if inside_mixture:  # a bundled expert's files must not lead out of the mixture either
+            for filename in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+                _inside(base_dir, rel / filename, name=name, where="file")
         return ResolvedExpert(name=name, ref=ref, local_dir=folder.resolve())
 
     from huggingface_hub import hf_hub_download

@@ -62,6 +62,8 @@ from .mixture_format import (
 )
 from .mixture_save import _bundled_names, _plan_experts, _write_mixture, save_mixture, write_expert_files
 from .model_card import _hub_url, make_model_card
+from .paths import resolve_inside
+from .staging import recover_folder
 from .summary import ExpertSummary, MixtureSummary, inspect_mixture
 
 if TYPE_CHECKING:
@@ -121,7 +123,8 @@ def _local_folder(repo_id_or_path: str | os.PathLike[str]) -> Path | None:
     """The local mixture folder named by the argument, ``None`` for a Hub repo id; an error for a missing folder."""
     text = os.fspath(repo_id_or_path)
     path = Path(text).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (text.strip() and recover_folder(path) is not None):  # a save killed mid-swap: restored
+        recover_folder(path)  # and the leftovers of earlier interrupted saves removed
         return path
     if path.exists():
         raise InvalidMixtureError(f"{text!r} is a file; give the mixture folder or a Hub repo id.")
@@ -169,13 +172,15 @@ def fetch_mixture(
     if folder is not None:
         if revision is not None:
             raise InvalidMixtureError(f"`revision` applies to Hub repos only; {str(folder)!r} is a local folder.")
-        if not (folder / CONFIG_NAME).is_file():
+        config_path = resolve_inside(folder, CONFIG_NAME, what=f"Mixture {str(folder)!r}:")
+        if not config_path.is_file():
             raise InvalidMixtureError(
                 f"{str(folder)!r} has no {CONFIG_NAME}: it is not an xlora-hub mixture folder. For a peft X-LoRA or "
                 "original `xlora` checkpoint use `xlora_hub.convert.import_mixture`."
             )
-        config = read_mixture_config(folder / CONFIG_NAME, what=str(folder))
-        if with_weights and not (folder / CLASSIFIER_WEIGHTS_NAME).is_file():
+        config = read_mixture_config(config_path, what=str(folder))
+        classifier = resolve_inside(folder, CLASSIFIER_WEIGHTS_NAME, what=f"Mixture {str(folder)!r}:")
+        if with_weights and not classifier.is_file():
             raise InvalidMixtureError(f"{folder}: {CLASSIFIER_WEIGHTS_NAME} is missing; save the mixture again.")
         return _MixtureSource(folder=folder, config=config)
 
@@ -301,6 +306,7 @@ def _resolve_base_model_ref(source: _MixtureSource) -> BaseModelRef:
         return ref
     folder = source.folder / rel
     if folder.is_dir():
+        folder = resolve_inside(source.folder, rel, what=f"Mixture {source.label}: base model folder")
         return BaseModelRef(repo_id=str(folder.resolve()), revision=None)
     if not explicit:
         return ref  # a Hub repo id such as "gpt2" or "my-org/base"
@@ -339,7 +345,7 @@ def load_mixture(
         local_files_only=local_files_only,
         force_download=force_download,
     )
-    classifier_path = source.folder / CLASSIFIER_WEIGHTS_NAME
+    classifier_path = resolve_inside(source.folder, CLASSIFIER_WEIGHTS_NAME, what=f"Mixture {source.label}:")
     check_classifier_file(classifier_path, source.config, what=f"Mixture {source.label}")
     if base_model is None:
         if source.config.base_model is None:

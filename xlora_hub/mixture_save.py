@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from safetensors.torch import save_file
@@ -17,7 +18,7 @@ from .errors import ExpertNotFoundError, IncompatibleExpertError
 from .experts import ADAPTER_WEIGHTS_NAME, ResolvedExpert
 from .mixture_format import _BUNDLED_ATTR, EXPERT_FILES, EXPERTS_DIR, MODEL_CARD_NAME, classifier_metadata
 from .model_card import make_model_card
-from .staging import check_folder_target, install_entries, staging_folder
+from .staging import carry_entry, prepare_target, replace_folder, staging_folder
 
 if TYPE_CHECKING:
     from .model import XLoraModel
@@ -116,29 +117,66 @@ def _write_mixture(
     return config
 
 
-def _install(source: Path, target: Path) -> None:
-    """Move a written mixture into ``target``; each file and expert folder is replaced atomically."""
-    if not target.exists():
-        os.replace(source, target)
+def _old_bundled_names(folder: Path) -> set[str]:
+    """The ``experts/<name>`` folders the mixture in ``folder`` refers to (an unreadable config: none)."""
+    try:
+        experts = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("experts", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    names = set()
+    for entry in experts if isinstance(experts, list) else []:
+        parts = PurePosixPath(str(entry.get("path") or "")).parts if isinstance(entry, dict) else ()
+        if len(parts) > 1 and parts[0] == EXPERTS_DIR:
+            names.add(parts[1])
+    return names
+
+
+def _carry_other_files(old: Path, new: Path) -> None:
+    """Keep, in the new folder, what the old one holds that the new mixture does not write.
+
+    The user's other files (a ``base_model/`` folder, a tokenizer, notes, other LoRAs in ``experts/``) are
+    hard-linked into the staged folder, so swapping whole folders loses nothing; the old mixture's own
+    bundled experts that the new one drops are not kept. A ``experts/`` that is a symbolic link is not
+    followed: the new mixture gets a real ``experts/`` folder and the link's target is left untouched.
+    """
+    for entry in sorted(old.iterdir()):
+        if entry.name != EXPERTS_DIR and not os.path.lexists(new / entry.name):
+            carry_entry(entry, new / entry.name)
+    old_experts = old / EXPERTS_DIR
+    if not old_experts.is_dir() or old_experts.is_symlink():
         return
-    experts = source / EXPERTS_DIR
-    if experts.is_dir():
-        (target / EXPERTS_DIR).mkdir(exist_ok=True)
-        install_entries(experts, target / EXPERTS_DIR)
-    install_entries(source, target, names=[CLASSIFIER_WEIGHTS_NAME, MODEL_CARD_NAME, CONFIG_NAME])  # config last
+    stale = _old_bundled_names(old)
+    for entry in sorted(old_experts.iterdir()):
+        dest = new / EXPERTS_DIR / entry.name
+        if entry.name not in stale and not os.path.lexists(dest):
+            dest.parent.mkdir(exist_ok=True)
+            carry_entry(entry, dest)
 
 
-def save_mixture(model: XLoraModel, save_directory: str | os.PathLike[str], *, bundle_experts: bool = False) -> Path:
+def save_mixture(
+    model: XLoraModel,
+    save_directory: str | os.PathLike[str],
+    *,
+    bundle_experts: bool = False,
+    overwrite: bool = True,
+) -> Path:
     """Write a mixture folder: config, classifier, model card, and the experts that live nowhere else.
 
     Hub experts stay references (``bundle_experts=True`` copies them too, for a self-contained folder).
     Local-folder experts are always copied into ``experts/<name>/`` and referenced relatively, and trained
     experts (``use_trainable_adapters``) are exported from the model, so a saved mixture never points at
-    an absolute path. Everything is written to a temporary folder first, then moved in place.
+    an absolute path.
+
+    The complete new folder is written beside the target, with the target's other files kept (hard links),
+    then swapped in whole (:mod:`.staging`): a kill at any point leaves the old or the new mixture. A mixture
+    already in the folder is replaced, as ``save_pretrained`` does in transformers; ``overwrite=False``
+    refuses any folder that is not empty (what the CLI does without ``--overwrite``).
     """
-    target = check_folder_target(save_directory, what="`save_pretrained`")
+    target = prepare_target(save_directory, overwrite=overwrite, what="Mixture folder", replaces="the mixture in it")
     plans = _plan_experts(model, bundle_experts=bundle_experts)
     with staging_folder(target) as tmp:
         _write_mixture(model, tmp, plans)
-        _install(tmp, target)
+        if target.is_dir():
+            _carry_other_files(target, tmp)
+        replace_folder(tmp, target)
     return target

@@ -27,7 +27,8 @@ import torch
 
 from .config import CONFIG_NAME, XLoraConfig
 from .errors import InvalidConfigError, InvalidMixtureError, XLoraHubError
-from .staging import check_folder_target, replace_folder, staging_folder
+from .paths import resolve_inside
+from .staging import prepare_target, replace_folder, staging_folder
 
 MIXTURE_ENV = "XLORA_MIXTURE"
 """Environment variable naming the mixture a Space or ``main()`` serves (Hub repo id or local folder)."""
@@ -159,7 +160,7 @@ def read_model_card(mixture: str | os.PathLike[str], *, revision: str | None = N
     """The mixture's README.md text (local folder or Hub repo), or ``None`` when it has none."""
     folder = Path(mixture)
     if folder.is_dir():
-        card = folder / "README.md"
+        card = resolve_inside(folder, "README.md", what=f"Mixture {str(folder)!r}: the model card")
         return card.read_text(encoding="utf-8") if card.is_file() else None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -473,8 +474,12 @@ def build_space_folder(
     token: str | bool | None = None,
     hardware: str | None = None,
     title: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a complete Space for a Hub mixture into ``folder`` (replaced as a whole, never half-written).
+
+    A ``folder`` that already holds files is refused unless ``overwrite=True`` (then the whole folder is
+    replaced); checked before anything is downloaded.
 
     The Space holds ``app.py``, ``requirements.txt``, a ``README.md`` whose front matter lists the mixture,
     its experts and base model under ``models:``, ``xlora_space.json`` pinning the mixture to the commit
@@ -486,6 +491,7 @@ def build_space_folder(
             "(`model.push_to_hub(repo_id)`) and publish the Space for that repo id."
         )
     _check_hardware(hardware)
+    target = prepare_target(folder, overwrite=overwrite, what="Space folder")
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
@@ -498,7 +504,6 @@ def build_space_folder(
     card = read_model_card(mixture_repo, revision=sha, token=token)
     app_dir = spaces_app_dir()
 
-    target = check_folder_target(folder, what="the Space dry run")
     with staging_folder(target) as staging:
         shutil.copyfile(app_dir / "app.py", staging / "app.py")
         shutil.copyfile(app_dir / "requirements.txt", staging / "requirements.txt")
@@ -531,6 +536,7 @@ def push_space(
     revision: str | None = None,
     dry_run_dir: str | os.PathLike[str] | None = None,
     commit_message: str | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Create or update a Gradio Space serving ``mixture_repo`` pinned to the commit ``revision`` resolves to.
 
@@ -538,10 +544,14 @@ def push_space(
     commit, other files someone added to the Space are kept.
     ``hardware`` is a ``huggingface_hub.SpaceHardware`` value, requested for the Space (and suggested in
     its README). With ``dry_run_dir`` the Space folder is written there and nothing is pushed. Returns the
-    Space URL, or the folder for a dry run.
+    Space URL, or the folder for a dry run (refused when it holds files, unless ``overwrite=True``).
     """
     if dry_run_dir is not None:
-        return str(build_space_folder(mixture_repo, dry_run_dir, revision=revision, token=token, hardware=hardware))
+        return str(
+            build_space_folder(
+                mixture_repo, dry_run_dir, revision=revision, token=token, hardware=hardware, overwrite=overwrite
+            )
+        )
     _check_hardware(hardware)
     from huggingface_hub import HfApi
 
