@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
 import os
 import re
@@ -45,6 +44,8 @@ from .experts import (
     resolve_expert,
     safe_relative_path,
 )
+from .finite import check_finite_tensors
+from .jsonfile import read_json_object
 from .mixture_format import (
     _BUNDLED_ATTR,
     CARD_TAGS,
@@ -368,6 +369,7 @@ def load_mixture(
             base_dir=source.folder,
         )
     state = load_file(str(classifier_path))
+    check_finite_tensors(state.items(), what=f"Mixture {source.label}: {CLASSIFIER_WEIGHTS_NAME}")
     model.classifier.load_state_dict(state, strict=True)
     setattr(model, _BUNDLED_ATTR, frozenset(name for name, ref in source.config.experts.items() if not ref.is_hub))
     _warn_on_base_mismatch(model)
@@ -426,7 +428,7 @@ def _push_expert(api: Any, expert: ResolvedExpert, repo_id: str, *, mixture: str
         folder = Path(tmp)
         for filename in EXPERT_FILES:
             shutil.copyfile(expert.local_dir / filename, folder / filename)
-        adapter = json.loads((folder / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+        adapter = read_json_object(folder / ADAPTER_CONFIG_NAME)
         base = adapter.get("base_model_name_or_path")
         data = ModelCardData(
             base_model=base if _is_hub_id(base) else None, library_name="peft", tags=["lora", "x-lora-expert"]

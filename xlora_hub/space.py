@@ -27,6 +27,7 @@ import torch
 
 from .config import CONFIG_NAME, XLoraConfig
 from .errors import InvalidConfigError, InvalidMixtureError, XLoraHubError
+from .jsonfile import read_json_object
 from .staging import check_folder_target, replace_folder, staging_folder
 
 MIXTURE_ENV = "XLORA_MIXTURE"
@@ -119,8 +120,8 @@ def expert_infos(model: Any) -> list[ExpertInfo]:
         ref = expert.pinned_ref()
         adapter: dict[str, Any] = {}
         try:
-            adapter = json.loads((Path(expert.local_dir) / "adapter_config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            adapter = read_json_object(Path(expert.local_dir) / "adapter_config.json")
+        except (OSError, ValueError):  # ValueError: InvalidConfigError from the bounded reader
             pass
         targets = adapter.get("target_modules") or []
         targets = [targets] if isinstance(targets, str) else sorted(str(t) for t in targets)
@@ -193,7 +194,7 @@ def space_target(app_dir: str | os.PathLike[str] | None = None) -> tuple[str | N
     if app_dir is not None:
         pinned = Path(app_dir) / SPACE_CONFIG_NAME
         if pinned.is_file():
-            data = json.loads(pinned.read_text(encoding="utf-8"))
+            data = read_json_object(pinned)
             return data["mixture"], data.get("revision")
     return None, None
 
