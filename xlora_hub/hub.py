@@ -326,8 +326,8 @@ def load_mixture(
 ) -> XLoraModel:
     """Load a saved mixture (folder or Hub repo) with its experts and, unless given, its base model.
 
-    Checked before anything is built: the config (format version, types, paths inside the mixture), the
-    classifier's shapes against the config; then, while building, each expert against the base model and
+    Checked before anything is built: the config (format version, types, bounds, paths inside the mixture), the
+    classifier's shapes against the config and its values (finite); then, while building, each expert against the base model and
     the layer names against the wrapped model.
     """
     from .model import XLoraModel
@@ -342,6 +342,8 @@ def load_mixture(
     )
     classifier_path = source.folder / CLASSIFIER_WEIGHTS_NAME
     check_classifier_file(classifier_path, source.config, what=f"Mixture {source.label}")
+    state = load_file(str(classifier_path))  # small (bounded by the config); checked before anything is built
+    check_finite_tensors(state.items(), what=f"Mixture {source.label}: {CLASSIFIER_WEIGHTS_NAME}")
     if base_model is None:
         if source.config.base_model is None:
             raise InvalidMixtureError(
@@ -368,8 +370,6 @@ def load_mixture(
             force_download=force_download,
             base_dir=source.folder,
         )
-    state = load_file(str(classifier_path))
-    check_finite_tensors(state.items(), what=f"Mixture {source.label}: {CLASSIFIER_WEIGHTS_NAME}")
     model.classifier.load_state_dict(state, strict=True)
     setattr(model, _BUNDLED_ATTR, frozenset(name for name, ref in source.config.experts.items() if not ref.is_hub))
     _warn_on_base_mismatch(model)

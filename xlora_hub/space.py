@@ -551,7 +551,7 @@ def push_space(
         folder = build_space_folder(
             mixture_repo, Path(tmp) / "space", revision=revision, token=token, hardware=hardware
         )
-        pinned = json.loads((folder / SPACE_CONFIG_NAME).read_text(encoding="utf-8"))["revision"]
+        pinned = read_json_object(folder / SPACE_CONFIG_NAME)["revision"]
         existed = api.repo_exists(space_repo, repo_type="space")
         url = api.create_repo(
             space_repo,
