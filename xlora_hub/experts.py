@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from torch import nn
 
@@ -332,10 +333,17 @@ def _split_lora_key(stem: str) -> tuple[str, str] | None:
     return None
 
 
-def _lora_modules(expert: ResolvedExpert, shapes: dict[str, list[int]]) -> dict[str, dict[str, list[int]]]:
-    """Module name (as the base model names it, peft's prefix stripped) -> {axis: shape} of its LoRA tensors.
+_BASE_COPY = ".base_layer.weight"
+"""peft's ``save_embedding_layers`` copy of a targeted embedding / lm_head weight: accepted when its shape fits."""
 
-    Any tensor that is not a LoRA factor is refused: peft would load it as something else or drop it.
+
+def _lora_modules(
+    expert: ResolvedExpert, shapes: dict[str, list[int]], modules_of_model: dict[str, nn.Module]
+) -> dict[str, dict[str, list[int]]]:
+    """Module name (as the expert names it, peft's prefix stripped) -> {axis: shape} of its LoRA tensors.
+
+    Any tensor that is not a LoRA factor (or peft's copy of a targeted layer's weight, of that layer's
+    shape) is refused: peft would load it as something else or drop it.
     """
     modules: dict[str, dict[str, list[int]]] = {}
     others = []
@@ -343,6 +351,8 @@ def _lora_modules(expert: ResolvedExpert, shapes: dict[str, list[int]]) -> dict[
         stem = key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
         split = _split_lora_key(stem)
         if split is None:
+            if stem.endswith(_BASE_COPY) and _is_base_copy(stem[: -len(_BASE_COPY)], shape, modules_of_model):
+                continue
             others.append(key)
             continue
         module_name, axis = split
@@ -354,6 +364,13 @@ def _lora_modules(expert: ResolvedExpert, shapes: dict[str, list[int]]) -> dict[
             "only (no modules_to_save, no bias). Re-save the adapter without them."
         )
     return modules
+
+
+def _is_base_copy(module_name: str, shape: list[int], modules: dict[str, nn.Module]) -> bool:
+    """Whether a ``base_layer.weight`` tensor is a same-shape copy of a base model module's weight."""
+    resolved = _resolve_module_name(module_name, modules)
+    weight = getattr(modules[resolved], "weight", None) if resolved is not None else None
+    return isinstance(weight, torch.Tensor) and list(weight.shape) == list(shape)
 
 
 def _peft_lora_config(expert: ResolvedExpert, adapter: dict[str, Any]) -> Any:
@@ -403,7 +420,7 @@ def check_expert_matches_model(expert: ResolvedExpert, model: nn.Module) -> None
         )
     modules = dict(model.named_modules())
     by_module: dict[str, dict[str, list[int]]] = {}
-    for module_name, factors in _lora_modules(expert, shapes).items():
+    for module_name, factors in _lora_modules(expert, shapes, modules).items():
         resolved = _resolve_module_name(module_name, modules)
         if resolved is None:
             raise IncompatibleExpertError(
