@@ -304,7 +304,8 @@ def test_cli_import_export_detect(expert_dirs, tmp_path, capsys):
     assert main(["export", "peft", str(tmp_path / "mix"), str(tmp_path / "pf"), "--base-model", base]) == 0
     assert detect_format(tmp_path / "pf") == "peft"
 
-    assert main(["import", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+    # a user error exits 1, like `xlora-hub` (issue 10: it was 2)
+    assert main(["import", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 

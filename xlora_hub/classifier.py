@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import XLoraConfig
+from .config import XLoraConfig, check_classifier_size
 
 
 class XLoraClassifier(nn.Module):
@@ -32,6 +32,10 @@ class XLoraClassifier(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        # bounded before any layer is made: a config may come from a stranger's repo
+        check_classifier_size(
+            config, hidden_size=hidden_size, n_layers=n_layers, n_experts=n_experts, source="X-LoRA classifier"
+        )
         self.n_layers = n_layers
         self.n_experts = n_experts
         self.hidden_size = hidden_size

@@ -36,14 +36,14 @@ from torch import nn
 from .config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, BaseModelRef, ExpertRef, XLoraConfig
 from .errors import (
     ExpertNotFoundError,
-    IncompatibleExpertError,
     InvalidConfigError,
     InvalidMixtureError,
     UnsupportedFormatError,
-    XLoraHubError,
 )
 from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, safe_relative_path
+from .finite import check_finite_tensors
 from .hub import EXPERT_FILES, load_base_model, load_mixture, read_classifier_header, write_expert_files
+from .jsonfile import read_json_object
 from .staging import prepare_target, replace_folder, staging_folder
 
 if TYPE_CHECKING:
@@ -103,13 +103,8 @@ def detect_format(folder: str | os.PathLike[str]) -> str:
 
 
 def _read_json(path: Path, *, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidConfigError(f"{what}: {path.name} is not valid JSON ({err}).") from None
-    if not isinstance(data, dict):
-        raise InvalidConfigError(f"{what}: {path.name} must hold a JSON object, got {type(data).__name__}.")
-    return data
+    """A foreign format's JSON config, through the one bounded reader (size, depth, finite numbers, an object)."""
+    return read_json_object(path, what=f"{what}: {path.name}")
 
 
 def _source_folder(
@@ -275,7 +270,9 @@ def _load_classifier_tensors(path: Path, *, what: str) -> dict[str, torch.Tensor
             )
         raise InvalidMixtureError(f"{what}: classifier file {path.name} is missing.")
     read_classifier_header(path, what=what)  # a clear error for truncated files
-    return load_file(str(path))
+    tensors = load_file(str(path))
+    check_finite_tensors(tensors.items(), what=f"{what}: {path.name}")
+    return tensors
 
 
 def _read_peft(folder: Path, adapters: Any) -> _Foreign:
@@ -745,10 +742,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(export_peft(model, args.output))
             else:
                 print(export_mistralrs(model, args.output, base_model_id=args.base_model_id))
-    except (XLoraHubError, IncompatibleExpertError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except _user_errors() as err:  # the input is wrong: one line and exit 1, like the `xlora-hub` CLI
+        from .cli import is_user_error, one_line
+
+        if not is_user_error(err):
+            raise
+        token = getattr(args, "token", None)
+        print(
+            f"{parser.prog} {args.command}: error: {one_line(err, secrets=[token] if token else [])}", file=sys.stderr
+        )
+        return 1
     return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions the `xlora-hub` CLI reports as user errors (exit 1), shared so both commands agree."""
+    from .cli import user_errors
+
+    return user_errors()
 
 
 __all__ = [

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .jsonfile import read_json_object
 from .staging import replace_folder, staging_folder
 
 if TYPE_CHECKING:
@@ -290,7 +291,7 @@ def demo_mixture_path(
 
 def read_build_info(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """What ``demo_build.json`` records: version, seed, build time per phase, weights digest."""
-    return json.loads((Path(folder) / BUILD_INFO_NAME).read_text(encoding="utf-8"))
+    return read_json_object(Path(folder) / BUILD_INFO_NAME)
 
 
 # ---------------------------------------------------------------------------------------------- build

@@ -34,3 +34,23 @@ class ExpertNotFoundError(XLoraHubError, FileNotFoundError):
 
 class DataFormatError(XLoraHubError, ValueError):
     """A training data file or dataset does not have the expected shape."""
+
+
+def short_repr(value: object, *, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so an error never echoes a huge value (a 50 MB config field).
+
+    Large strings, lists and dicts are shortened before ``repr`` is taken, so the cost stays small too.
+    """
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit]
+    elif isinstance(value, (list, tuple)) and len(value) > limit:
+        value = type(value)(value[:limit])
+    elif isinstance(value, dict) and len(value) > limit:
+        value = dict(list(value.items())[:limit])
+    try:
+        text = repr(value)
+    except Exception:  # a hostile __repr__ must not hide the real error
+        text = f"<{type(value).__name__}>"
+    if len(text) > limit:
+        text = text[:limit] + "...(cut)"
+    return text

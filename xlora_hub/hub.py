@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
 import os
 import re
@@ -45,6 +44,8 @@ from .experts import (
     resolve_expert,
     safe_relative_path,
 )
+from .finite import check_finite_tensors
+from .jsonfile import read_json_object
 from .mixture_format import (
     _BUNDLED_ATTR,
     CARD_TAGS,
@@ -331,8 +332,8 @@ def load_mixture(
 ) -> XLoraModel:
     """Load a saved mixture (folder or Hub repo) with its experts and, unless given, its base model.
 
-    Checked before anything is built: the config (format version, types, paths inside the mixture), the
-    classifier's shapes against the config; then, while building, each expert against the base model and
+    Checked before anything is built: the config (format version, types, bounds, paths inside the mixture), the
+    classifier's shapes against the config and its values (finite); then, while building, each expert against the base model and
     the layer names against the wrapped model.
     """
     from .model import XLoraModel
@@ -347,6 +348,8 @@ def load_mixture(
     )
     classifier_path = resolve_inside(source.folder, CLASSIFIER_WEIGHTS_NAME, what=f"Mixture {source.label}:")
     check_classifier_file(classifier_path, source.config, what=f"Mixture {source.label}")
+    state = load_file(str(classifier_path))  # small (bounded by the config); checked before anything is built
+    check_finite_tensors(state.items(), what=f"Mixture {source.label}: {CLASSIFIER_WEIGHTS_NAME}")
     if base_model is None:
         if source.config.base_model is None:
             raise InvalidMixtureError(
@@ -373,7 +376,6 @@ def load_mixture(
             force_download=force_download,
             base_dir=source.folder,
         )
-    state = load_file(str(classifier_path))
     model.classifier.load_state_dict(state, strict=True)
     setattr(model, _BUNDLED_ATTR, frozenset(name for name, ref in source.config.experts.items() if not ref.is_hub))
     _warn_on_base_mismatch(model)
@@ -432,7 +434,7 @@ def _push_expert(api: Any, expert: ResolvedExpert, repo_id: str, *, mixture: str
         folder = Path(tmp)
         for filename in EXPERT_FILES:
             shutil.copyfile(expert.local_dir / filename, folder / filename)
-        adapter = json.loads((folder / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+        adapter = read_json_object(folder / ADAPTER_CONFIG_NAME)
         base = adapter.get("base_model_name_or_path")
         data = ModelCardData(
             base_model=base if _is_hub_id(base) else None, library_name="peft", tags=["lora", "x-lora-expert"]

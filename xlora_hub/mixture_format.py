@@ -15,9 +15,10 @@ from typing import Any
 
 from safetensors import safe_open
 
-from .config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, FORMAT_VERSION, XLoraConfig
-from .errors import InvalidConfigError, InvalidMixtureError, UnsupportedFormatError
+from .config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, FORMAT_VERSION, XLoraConfig, check_classifier_size
+from .errors import InvalidConfigError, InvalidMixtureError, UnsupportedFormatError, short_repr
 from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, safe_relative_path
+from .jsonfile import read_json_object
 
 MODEL_CARD_NAME = "README.md"
 EXPERTS_DIR = "experts"
@@ -42,23 +43,38 @@ def settings_dict(config: XLoraConfig) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in _STRUCTURAL}
 
 
-def expected_classifier_shapes(config: XLoraConfig) -> dict[str, list[int]]:
-    """Tensor name -> shape of the classifier a config describes, built on the meta device (no memory, no weights)."""
-    from .classifier import XLoraClassifier
+def classifier_shapes(config: XLoraConfig, *, hidden_size: int, n_layers: int, n_experts: int) -> dict[str, list[int]]:
+    """Tensor name -> shape of the classifier ``XLoraClassifier`` builds, by arithmetic (no module, no memory).
 
+    The size is bounded first (:func:`~xlora_hub.config.check_classifier_size`), so the listing is at most
+    ``2 * MAX_XLORA_DEPTH`` entries. Indices follow the ``nn.Sequential`` (Linear, ReLU, [Dropout]) per layer.
+    """
+    check_classifier_size(config, hidden_size=hidden_size, n_layers=n_layers, n_experts=n_experts)
+    out_features = n_experts * n_layers if config.layerwise_scalings else n_experts
+    per_hidden = 3 if config.xlora_dropout_p > 0.0 else 2
+    shapes: dict[str, list[int]] = {}
+    width = hidden_size
+    for depth in range(config.xlora_depth - 1):
+        index = depth * per_hidden
+        shapes[f"layers.{index}.weight"] = [config.xlora_size, width]
+        shapes[f"layers.{index}.bias"] = [config.xlora_size]
+        width = config.xlora_size
+    last = (config.xlora_depth - 1) * per_hidden
+    shapes[f"layers.{last}.weight"] = [out_features, width]
+    shapes[f"layers.{last}.bias"] = [out_features]
+    return shapes
+
+
+def expected_classifier_shapes(config: XLoraConfig) -> dict[str, list[int]]:
+    """Tensor name -> shape of the classifier a saved config describes (nothing is built or allocated)."""
     if config.hidden_size is None or config.layer_names is None:
         raise InvalidMixtureError(
             "The mixture config has no `hidden_size` or `layer_names`; it was not written by `save_pretrained`. "
             "Rebuild the mixture with `XLoraModel.from_experts` and save it again."
         )
-    classifier = XLoraClassifier(
-        config,
-        hidden_size=config.hidden_size,
-        n_layers=len(config.layer_names),
-        n_experts=config.n_experts,
-        device="meta",
+    return classifier_shapes(
+        config, hidden_size=config.hidden_size, n_layers=len(config.layer_names), n_experts=config.n_experts
     )
-    return classifier.shapes()
 
 
 def classifier_metadata(config: XLoraConfig) -> dict[str, str]:
@@ -76,12 +92,26 @@ def classifier_metadata(config: XLoraConfig) -> dict[str, str]:
     }
 
 
-def read_classifier_header(path: Path, *, what: str) -> tuple[dict[str, list[int]], dict[str, str]]:
-    """Shapes and metadata of a safetensors file, from its header only; a clear error when it is unreadable."""
+def read_classifier_header(
+    path: Path, *, what: str, max_tensors: int | None = None
+) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Shapes and metadata of a safetensors file, from its header only; a clear error when it is unreadable.
+
+    With ``max_tensors``, a file holding more tensors than that is refused from its key count alone, so the
+    work is bounded by the config rather than by a stranger's header.
+    """
     try:
         with safe_open(str(path), framework="pt") as f:
-            shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+            keys = list(f.keys())
+            if max_tensors is not None and len(keys) > max_tensors:
+                raise InvalidMixtureError(
+                    f"{what}: {path.name} holds {len(keys):,d} tensors but {CONFIG_NAME} describes a classifier of "
+                    f"{max_tensors}; the two files come from different mixtures. Save the mixture again."
+                )
+            shapes = {key: list(f.get_slice(key).get_shape()) for key in keys}
             metadata = dict(f.metadata() or {})
+    except InvalidMixtureError:
+        raise
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
         raise InvalidMixtureError(
             f"{what}: {path.name} is not a readable safetensors file ({err}). It may be truncated or corrupt: "
@@ -92,8 +122,8 @@ def read_classifier_header(path: Path, *, what: str) -> tuple[dict[str, list[int
 
 def check_classifier_file(path: Path, config: XLoraConfig, *, what: str) -> None:
     """Compare the classifier file's header (shapes and metadata) with the config before anything is built."""
-    shapes, metadata = read_classifier_header(path, what=what)
-    expected = expected_classifier_shapes(config)
+    expected = expected_classifier_shapes(config)  # bounded by the config's limits before the file is read
+    shapes, metadata = read_classifier_header(path, what=what, max_tensors=len(expected))
     facts = {
         "n_layers": len(config.layer_names or []),
         "n_experts": config.n_experts,
@@ -102,7 +132,7 @@ def check_classifier_file(path: Path, config: XLoraConfig, *, what: str) -> None
     for key, value in facts.items():
         if key in metadata and metadata[key] != str(value):
             raise InvalidMixtureError(
-                f"{what}: the classifier was saved for {key}={metadata[key]} but {CONFIG_NAME} says {value}; "
+                f"{what}: the classifier was saved for {key}={metadata[key][:40]} but {CONFIG_NAME} says {value}; "
                 "the two files come from different mixtures. Save the mixture again."
             )
     if shapes != expected:
@@ -112,8 +142,8 @@ def check_classifier_file(path: Path, config: XLoraConfig, *, what: str) -> None
         detail = "; ".join(
             part
             for part in (
-                f"missing {missing}" if missing else "",
-                f"unexpected {extra}" if extra else "",
+                f"missing {short_repr(missing)}" if missing else "",
+                f"unexpected {short_repr(extra)}" if extra else "",
                 ", ".join(f"{k} has shape {got}, expected {exp}" for k, (got, exp) in wrong.items()),
             )
             if part
@@ -127,10 +157,7 @@ def check_classifier_file(path: Path, config: XLoraConfig, *, what: str) -> None
 
 def read_mixture_config(path: Path, *, what: str) -> XLoraConfig:
     """Read and validate ``xlora_config.json``; every path inside it must stay inside the mixture."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidConfigError(f"{what}: {CONFIG_NAME} is not valid JSON ({err}).") from None
+    data = read_json_object(path, what=f"{what}: {CONFIG_NAME}")
     if isinstance(data, dict) and "format_version" not in data and ("adapters" in data or "base_model_id" in data):
         raise UnsupportedFormatError(
             f"{what}: {CONFIG_NAME} is in the original `xlora` package / mistral.rs format, not xlora-hub's. "

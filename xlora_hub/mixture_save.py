@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import shutil
@@ -16,6 +15,7 @@ from safetensors.torch import save_file
 from .config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, BaseModelRef, ExpertRef, XLoraConfig
 from .errors import ExpertNotFoundError, IncompatibleExpertError
 from .experts import ADAPTER_WEIGHTS_NAME, ResolvedExpert
+from .jsonfile import read_json_object
 from .mixture_format import _BUNDLED_ATTR, EXPERT_FILES, EXPERTS_DIR, MODEL_CARD_NAME, classifier_metadata
 from .model_card import make_model_card
 from .staging import carry_entry, prepare_target, replace_folder, staging_folder
@@ -120,7 +120,7 @@ def _write_mixture(
 def _old_bundled_names(folder: Path) -> set[str]:
     """The ``experts/<name>`` folders the mixture in ``folder`` refers to (an unreadable config: none)."""
     try:
-        experts = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("experts", [])
+        experts = read_json_object(folder / CONFIG_NAME).get("experts", [])
     except (OSError, ValueError, AttributeError):
         return set()
     names = set()

@@ -29,7 +29,8 @@ from .cache import CACHE_ARGUMENTS, XLoraCache, cache_argument, take_xlora_cache
 from .classifier import XLoraClassifier
 from .config import BaseModelRef, ExpertRef, XLoraConfig
 from .errors import IncompatibleExpertError, InvalidConfigError, InvalidMixtureError
-from .experts import ResolvedExpert, cached_commit_sha, check_expert_matches_model, read_adapter_config, resolve_expert
+from .experts import ResolvedExpert, cached_commit_sha, check_expert_matches_model, resolve_expert
+from .finite import first_non_finite
 from .layers import SUPPORTED_LORA_LAYERS, RoutingState, XLoraLayer, wrap_lora_layer
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class XLoraModel(nn.Module):
         self._scalings_logging = False
         self._scalings_log: list[torch.Tensor] = []
         self._cache_argument = cache_argument(model)
+        self._warned_no_cache = False
 
         names = xlora_config.expert_names
         self.xlora_layers: list[XLoraLayer] = []
@@ -182,8 +184,7 @@ class XLoraModel(nn.Module):
             for name, ref in config.experts.items()
         ]
         _check_hidden_size(base_model, config)
-        for expert in resolved:
-            read_adapter_config(expert)
+        for expert in resolved:  # the adapter config, then its tensors' header against it and the model
             check_expert_matches_model(expert, base_model)
         if device is not None or torch_dtype is not None:
             base_model.to(device=device, dtype=torch_dtype)
@@ -206,8 +207,9 @@ class XLoraModel(nn.Module):
                     peft_model.load_adapter(str(expert.local_dir), **kwargs)
             hf_model = peft_model.base_model.model
             dtype = torch.float32 if upcast_experts else next(base_model.parameters()).dtype
-            for module in hf_model.modules():
+            for module_name, module in hf_model.named_modules():
                 if isinstance(module, SUPPORTED_LORA_LAYERS):
+                    _check_expert_factors_finite(module_name, module)
                     for name, param in module.named_parameters():
                         if "lora_" in name and param.is_floating_point() and param.dtype != dtype:
                             param.data = param.data.to(dtype)
@@ -387,6 +389,8 @@ class XLoraModel(nn.Module):
             use_cache = getattr(generation_config, "use_cache", None)
         if use_cache is None:  # transformers' own default: generate with a cache
             use_cache = True
+        if not use_cache and kwargs.get("use_cache") is None and kwargs.get("generation_config") is None:
+            self._warn_no_cache()
         past = take_xlora_cache(kwargs, self._cache_argument)
         if past is None and use_cache and self._supports_cache():
             past = XLoraCache(config=self.config)
@@ -424,6 +428,21 @@ class XLoraModel(nn.Module):
             pre.remove()
             post.remove()
             self.routing.scalings = None
+
+    def _warn_no_cache(self) -> None:
+        """Say once per model that generation runs without a KV cache because the model's own config turned it off.
+
+        peft's X-LoRA needs ``use_cache=False`` in the base model's config, so models prepared for it carry that
+        setting into their generation config; X-LoRA here keeps its own two-pass cache, so generation can use it.
+        """
+        if self._warned_no_cache or not self._supports_cache():
+            return
+        self._warned_no_cache = True
+        logger.warning(
+            "Generating without a KV cache (about 4x slower) because the base model's generation config has "
+            "use_cache=False (peft's X-LoRA requires that setting; xlora-hub does not). Pass `use_cache=True` to "
+            "generate, or set `model.generation_config.use_cache = True`, to generate with the cache."
+        )
 
     def _prompt_scalings(self, model_kwargs: dict[str, Any]) -> torch.Tensor:
         """Processed per-sequence scalings ``[batch, 1, n_layers, n_experts]``: the mean over the prompt's real tokens."""
@@ -546,6 +565,19 @@ class XLoraModel(nn.Module):
         """Put peft's own LoRA layers back and return the ``transformers`` model (still holding the experts)."""
         _restore_peft_layers(self.model)
         return self.model
+
+
+def _check_expert_factors_finite(module_name: str, module: nn.Module) -> None:
+    """Refuse an expert whose loaded factors hold NaN/Inf (they would make every logit NaN), naming it."""
+    bad = first_non_finite((n, p) for n, p in module.named_parameters() if "lora_" in n)
+    if bad is not None:
+        factor, _, rest = bad.partition(".")
+        expert = rest.split(".")[0]
+        raise IncompatibleExpertError(
+            f"Expert {expert!r}: tensor {module_name}.{factor} holds NaN or infinite values, which would make every "
+            "output NaN. Its adapter_model.safetensors is corrupt or comes from a diverged training run; use a good "
+            "copy (`force_download=True`) or retrain the expert."
+        )
 
 
 def _restore_peft_layers(model: nn.Module) -> None:

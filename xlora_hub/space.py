@@ -27,6 +27,7 @@ import torch
 
 from .config import CONFIG_NAME, XLoraConfig
 from .errors import InvalidConfigError, InvalidMixtureError, XLoraHubError
+from .jsonfile import read_json_object
 from .paths import resolve_inside
 from .staging import prepare_target, replace_folder, staging_folder
 
@@ -120,8 +121,8 @@ def expert_infos(model: Any) -> list[ExpertInfo]:
         ref = expert.pinned_ref()
         adapter: dict[str, Any] = {}
         try:
-            adapter = json.loads((Path(expert.local_dir) / "adapter_config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            adapter = read_json_object(Path(expert.local_dir) / "adapter_config.json")
+        except (OSError, ValueError):  # ValueError: InvalidConfigError from the bounded reader
             pass
         targets = adapter.get("target_modules") or []
         targets = [targets] if isinstance(targets, str) else sorted(str(t) for t in targets)
@@ -194,7 +195,7 @@ def space_target(app_dir: str | os.PathLike[str] | None = None) -> tuple[str | N
     if app_dir is not None:
         pinned = Path(app_dir) / SPACE_CONFIG_NAME
         if pinned.is_file():
-            data = json.loads(pinned.read_text(encoding="utf-8"))
+            data = read_json_object(pinned)
             return data["mixture"], data.get("revision")
     return None, None
 
@@ -560,7 +561,7 @@ def push_space(
         folder = build_space_folder(
             mixture_repo, Path(tmp) / "space", revision=revision, token=token, hardware=hardware
         )
-        pinned = json.loads((folder / SPACE_CONFIG_NAME).read_text(encoding="utf-8"))["revision"]
+        pinned = read_json_object(folder / SPACE_CONFIG_NAME)["revision"]
         existed = api.repo_exists(space_repo, repo_type="space")
         url = api.create_repo(
             space_repo,

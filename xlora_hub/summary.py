@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import torch
 
 from .config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, BaseModelRef, ExpertRef
 from .experts import ADAPTER_WEIGHTS_NAME, safe_relative_path
+from .jsonfile import read_json_object
 from .mixture_format import expected_classifier_shapes, settings_dict
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def inspect_mixture(
     return MixtureSummary(
         source=source.repo_id or str(source.folder),
         commit=source.commit,
-        format_version=json.loads((source.folder / CONFIG_NAME).read_text(encoding="utf-8"))["format_version"],
+        format_version=read_json_object(source.folder / CONFIG_NAME)["format_version"],
         base_model=config.base_model,
         hidden_size=config.hidden_size,
         n_layers=len(config.layer_names or []),
