@@ -266,9 +266,14 @@ def test_convert_round_trip_peft_to_xlora_hub_to_peft_keeps_logits(world, tmp_pa
         torch.testing.assert_close(back(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_push_pull_to_local_dir_and_space_dry_run(hub, mixture, tmp_path, capsys):
+def test_push_pull_to_local_dir_and_space_dry_run(hub, world, mixture, tmp_path, capsys):
     repo = f"alice/cli-push-{uuid.uuid4().hex[:8]}"
-    code, out, err = run(capsys, "push", mixture, repo, "--token", hub.token, "--branch", "dev", "-q")
+    # A local base folder is never published (test_private_paths.py): name its Hub copy with --base-model.
+    base_repo = f"alice/cli-base-{uuid.uuid4().hex[:8]}"
+    HfApi(token=hub.token).create_repo(base_repo)
+    HfApi(token=hub.token).upload_folder(repo_id=base_repo, folder_path=str(world.base))
+    code, out, err = run(capsys, "push", mixture, repo, "--token", hub.token, "--branch", "dev", "-q",
+                         "--base-model", base_repo)  # fmt: skip
     assert code == 0, err
     assert hub.token not in out + err
     assert HfApi(token=hub.token).model_info(repo, revision="dev").sha in out
