@@ -571,7 +571,9 @@ def main() -> None:
     try:
         serve(mixture, revision=revision)
     except XLoraHubError as err:
-        sys.exit(f"xlora-hub demo: {' '.join(str(err).split())}")
+        from xlora_hub.redact import redact
+
+        sys.exit(f"xlora-hub demo: {redact(' '.join(str(err).split()))}")  # the Space's HF_TOKEN secret included
 
 
 if __name__ == "__main__":

@@ -284,8 +284,11 @@ def load_tokenizer(model: Any, args: argparse.Namespace):
     try:
         return AutoTokenizer.from_pretrained(name, revision=revision, **_hub_kwargs(args))
     except (OSError, ValueError) as err:
+        from .redact import redact
+
+        why = redact(" ".join(str(err).split()), [args.token])[:160]  # redacted before it is cut
         raise InvalidMixtureError(
-            f"No tokenizer could be loaded from {name!r} ({' '.join(str(err).split())[:160]}). Pass --tokenizer "
+            f"No tokenizer could be loaded from {name!r} ({why}). Pass --tokenizer "
             "with a Hub repo id or folder that has one."
         ) from err
 

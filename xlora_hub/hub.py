@@ -122,7 +122,8 @@ def hub_connection_error(
             f"{prefix}the Hub at {endpoint} could not be reached ({detail}). Check the network connection and "
             "HF_ENDPOINT (unset it for huggingface.co)"
             + (
-                "; to use files already in the cache, pass `local_files_only=True` (`--offline` in the CLI)."
+                "; to use files already in the cache, pass `local_files_only=True` (`--offline` for the CLI "
+                "commands that take it)."
                 if download
                 else "."
             )

@@ -289,9 +289,12 @@ def load_tokenizer(
             return AutoTokenizer.from_pretrained(name, revision=rev, token=token)
         except Exception as err:  # noqa: BLE001 - transformers raises many types for "no tokenizer here"
             last = err
+    from .redact import redact
+
     names = " or ".join(repr(name) for name, _ in candidates)
+    why = redact(" ".join(str(last).split()), [token])[:200]  # redacted before it is cut
     raise InvalidMixtureError(
-        f"No tokenizer found in {names} ({' '.join(str(last).split())[:200]}). Save one next to the mixture with "
+        f"No tokenizer found in {names} ({why}). Save one next to the mixture with "
         "`tokenizer.save_pretrained(mixture_folder)`."
     )
 
