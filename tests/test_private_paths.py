@@ -204,3 +204,20 @@ def test_hub_checkpoint_relative_expert_inside_is_used(hub, peft_checkpoint, tmp
             (folder / "experts" / name / file.name).write_bytes(file.read_bytes())
     model = import_mixture(upload(hub, folder), base_model=tiny_llama(), cache_dir=tmp_path / "c")
     assert model.n_experts == 2 and all(str(tmp_path / "c") in str(e.local_dir) for e in model.experts)
+
+
+def test_a_link_out_of_a_downloaded_checkpoint_is_never_followed(tmp_path):
+    """A snapshot holding a link to a folder elsewhere (as a crafted cache could): refused, not imported."""
+    from xlora_hub.convert import _refs
+
+    outside = save_expert(tiny_llama, tmp_path / "outside", target_modules=TARGETS, seed=1)
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "evil").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ExpertNotFoundError, match=r"expert 'a' path 'evil' is a link that leaves"):
+        _refs({"a": "evil"}, snapshot, what="checkpoint", subfolders=False, confined=True)
+    (snapshot / "a").symlink_to(outside, target_is_directory=True)  # the original layout's <name>/ folder
+    with pytest.raises(ExpertNotFoundError, match="has no a/adapter_config.json"):
+        _refs(["a"], snapshot, what="checkpoint", subfolders=True, confined=True)
+    # a local folder's links are its owner's choice
+    assert _refs({"a": "evil"}, snapshot, what="checkpoint", subfolders=False)["a"].path == str(outside.resolve())
