@@ -26,7 +26,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -192,10 +192,14 @@ def _confined_ref(name: str, value: str, folder: Path, *, what: str) -> ExpertRe
             f"{what}: expert {name!r} has the absolute path {value!r}. A checkpoint from the Hub may only name "
             f"folders inside its own repo or Hub repo ids; a path on the author's machine is never read. {fix}"
         )
+    if ".." in PurePosixPath(value.replace("\\", "/")).parts:
+        raise ExpertNotFoundError(
+            f"{what}: expert {name!r} path {value!r} leaves the downloaded repo ('..'); it is never followed. {fix}"
+        )
     try:
         rel = safe_relative_path(value, what=f"{what}: expert {name!r} path")
-    except InvalidMixtureError as err:
-        raise ExpertNotFoundError(f"{err} {fix}") from None
+    except InvalidMixtureError:
+        return None  # not a relative path (for example 'repo:subfolder'): only a Hub repo id can match
     candidate = folder / rel
     if not (candidate / ADAPTER_CONFIG_NAME).exists() and not candidate.is_symlink():
         return None
