@@ -28,8 +28,11 @@ from transformers.generation.streamers import BaseStreamer
 
 from xlora_hub.errors import XLoraHubError
 from xlora_hub.space import (
+    MAX_UPLOAD_BYTES,
+    display_name,
     dominant_experts,
     expert_infos,
+    hide_local_paths,
     layer_view,
     load_demo,
     model_card_summary,
@@ -535,13 +538,18 @@ def serve(
     server_name: str | None = None,
     prevent_thread_lock: bool = False,
 ) -> gr.Blocks:
-    """Load a mixture (``None``: the embedded default one), build the app and launch it."""
+    """Load a mixture (``None``: the embedded default one), build the app and launch it.
+
+    The page names a local mixture, base model or expert by its folder name, never its path, and uploads
+    are capped at :data:`~xlora_hub.space.MAX_UPLOAD_BYTES` (the app has no file input)."""
     loaded = load_demo(mixture, revision=revision, token=token)
+    base = getattr(loaded.model.xlora_config, "base_model", None)
+    local = [mixture, getattr(base, "repo_id", None), *(str(e.local_dir) for e in loaded.model.experts)]
     demo = build_app(
         loaded.model,
         loaded.tokenizer,
-        mixture_name=loaded.name + (f"@{loaded.revision}" if loaded.revision else ""),
-        model_card=loaded.card,
+        mixture_name=display_name(loaded.name) + (f"@{loaded.revision}" if loaded.revision else ""),
+        model_card=hide_local_paths(loaded.card, local) if loaded.card else loaded.card,
         examples=loaded.examples,
     )
     demo.launch(
@@ -551,6 +559,7 @@ def serve(
         inbrowser=False,
         ssr_mode=False,
         prevent_thread_lock=prevent_thread_lock,
+        max_file_size=MAX_UPLOAD_BYTES,
     )
     return demo
 
@@ -562,7 +571,9 @@ def main() -> None:
     try:
         serve(mixture, revision=revision)
     except XLoraHubError as err:
-        sys.exit(f"xlora-hub demo: {' '.join(str(err).split())}")
+        from xlora_hub.redact import redact
+
+        sys.exit(f"xlora-hub demo: {redact(' '.join(str(err).split()))}")  # the Space's HF_TOKEN secret included
 
 
 if __name__ == "__main__":

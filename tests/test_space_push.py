@@ -36,7 +36,8 @@ def _uid() -> str:
 
 @pytest.fixture(scope="module")
 def mixture_repo(hub, tmp_path_factory):
-    """A mixture on the Hub whose experts live in their own Hub repos, over a local base model."""
+    """A mixture on the Hub whose experts live in their own Hub repos, over a base model made locally and
+    recorded by its Hub copy (a local base folder is never published, see test_private_paths.py)."""
     base_dir, expert_dirs = save_tiny_parts(tmp_path_factory.mktemp("push-mixture"))
     api = HfApi(token=hub.token)
     uid = _uid()
@@ -46,8 +47,10 @@ def mixture_repo(hub, tmp_path_factory):
         api.upload_folder(repo_id=repo, folder_path=folder)
         experts[name] = repo
     model = tiny_mixture(base_dir, experts)
+    base_repo = api.create_repo(f"alice/space-base-{uid}").repo_id
+    api.upload_folder(repo_id=base_repo, folder_path=base_dir)
     repo = f"alice/space-mixture-{uid}"
-    model.push_to_hub(repo, token=hub.token)
+    model.push_to_hub(repo, token=hub.token, base_model=base_repo)
     return repo, model
 
 
@@ -75,7 +78,8 @@ def test_push_creates_then_updates_the_space(hub, mixture_repo):
     assert (data.sdk, data.sdk_version, data.app_file) == ("gradio", gradio.__version__, "app.py")
     expert_repos = [ref.repo_id for ref in model.xlora_config.experts.values()]
     assert len(expert_repos) == len(EXPERTS) and all(expert_repos)
-    assert data.models == [repo, *expert_repos]
+    base_repo = json.loads(Path(api.hf_hub_download(repo, "xlora_config.json")).read_text())["base_model"]["repo_id"]
+    assert data.models == [repo, *expert_repos, base_repo]
     assert data.title and repo in card.text and first_sha in card.text
 
     # Someone adds a file; a vendored module of an older release is left over.
@@ -84,7 +88,7 @@ def test_push_creates_then_updates_the_space(hub, mixture_repo):
     # The mixture changes; a second push pins the Space to the new commit, in one commit.
     with torch.no_grad():
         model.classifier.layers[-1].bias.add_(1.0)
-    model.push_to_hub(repo, token=hub.token)
+    model.push_to_hub(repo, token=hub.token, base_model=base_repo)
     second_sha = api.model_info(repo).sha
     assert second_sha != first_sha
     commits_before = len(api.list_repo_commits(space, repo_type="space"))

@@ -3,11 +3,13 @@
 A thin layer over the library: every sub-command parses its arguments, calls one or two library
 functions (:mod:`xlora_hub.hub`, :mod:`xlora_hub.convert`, :mod:`xlora_hub.training`,
 :mod:`xlora_hub.space`) and prints the result. User errors (a missing file, a bad expert ref, an
-unknown repo, a bad JSONL line) exit with status 1 and a one-line message; ``--debug`` shows the
-traceback instead. Bad usage exits with status 2, as argparse does.
+unknown repo, a bad JSONL line) exit with status 1 and a one-line message (at most
+:data:`MAX_ERROR_CHARS` characters); ``--debug`` prints the traceback instead. Bad usage exits with
+status 2, as argparse does.
 
-Tokens are taken from ``--token``, else ``HF_TOKEN`` or the ``huggingface_hub`` login (``token=None``
-is passed through), and are never printed.
+Tokens are taken from ``--token`` (stripped of surrounding whitespace, as ``huggingface_hub`` does for
+``HF_TOKEN``), else ``HF_TOKEN`` or the ``huggingface_hub`` login (``token=None`` is passed through), and
+are never printed: every error line, warning and traceback goes through :func:`xlora_hub.redact.redact`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -75,8 +78,13 @@ def is_user_error(err: BaseException) -> bool:
     return True
 
 
-def one_line(err: BaseException, *, secrets: Sequence[str] = ()) -> str:
-    """The error as one line, with a hint for the Hub's own errors, and every secret redacted."""
+MAX_ERROR_CHARS = 2000
+"""The longest one-line error the CLI prints; a longer one is cut (``--debug`` shows it whole)."""
+
+
+def one_line(err: BaseException, *, secrets: Sequence[str | None] = ()) -> str:
+    """The error as one line, with a hint for the Hub's own errors, every secret redacted, at most
+    :data:`MAX_ERROR_CHARS` characters."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
@@ -85,7 +93,12 @@ def one_line(err: BaseException, *, secrets: Sequence[str] = ()) -> str:
         RevisionNotFoundError,
     )
 
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    from .hub import hub_connection_error, hub_endpoint, transport_errors
+    from .redact import redact
+
+    if isinstance(err, transport_errors()):  # a connection nothing in the library wrapped: name the endpoint
+        err = hub_connection_error(err, token=next((s for s in secrets if s), None))
+    lines = [line.strip() for line in redact(str(err), secrets).splitlines() if line.strip()]
     text = " ".join(" ".join(lines).split()) or type(err).__name__
     if isinstance(err, GatedRepoError):
         text = f"{_hub_reason(lines)} The repo is gated: accept its conditions on the Hub and pass --token."
@@ -100,18 +113,26 @@ def one_line(err: BaseException, *, secrets: Sequence[str] = ()) -> str:
         text = f"{_hub_reason(lines)} Give an existing branch, tag or commit with --revision."
     elif isinstance(err, LocalEntryNotFoundError):
         text = (
-            "A file is not in the local cache and the Hub cannot be used (--offline, HF_HUB_OFFLINE=1 or no "
-            f"connection). Run `{PROG} pull MIXTURE` while online first."
+            f"A file is not in the local cache and the Hub ({hub_endpoint()}) cannot be used (--offline, "
+            "HF_HUB_OFFLINE=1 or no connection: check the network and HF_ENDPOINT). Run "
+            f"`{PROG} pull MIXTURE` while online first."
         )
     elif isinstance(err, HFValidationError):
         text = f"{text} Give a Hub repo id ('owner/name') or an existing local folder ('./path')."
     elif isinstance(err, ImportError):
         extra = "demo" if err.name in ("gradio", "matplotlib") else "train"
         text = f"{text}. This command needs an optional dependency: pip install 'xlora-hub[{extra}]'."
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+    return _capped(redact(text, secrets))
+
+
+def _capped(text: str) -> str:
+    """``text`` cut to :data:`MAX_ERROR_CHARS`, saying so (a config value can be megabytes long)."""
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    return (
+        text[:MAX_ERROR_CHARS].rstrip()
+        + f"... [message cut: {len(text):,d} characters; run with --debug to see all of it]"
+    )
 
 
 def _repo_in_url(text: str) -> str | None:
@@ -263,8 +284,11 @@ def load_tokenizer(model: Any, args: argparse.Namespace):
     try:
         return AutoTokenizer.from_pretrained(name, revision=revision, **_hub_kwargs(args))
     except (OSError, ValueError) as err:
+        from .redact import redact
+
+        why = redact(" ".join(str(err).split()), [args.token])[:160]  # redacted before it is cut
         raise InvalidMixtureError(
-            f"No tokenizer could be loaded from {name!r} ({' '.join(str(err).split())[:160]}). Pass --tokenizer "
+            f"No tokenizer could be loaded from {name!r} ({why}). Pass --tokenizer "
             "with a Hub repo id or folder that has one."
         ) from err
 
@@ -544,6 +568,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         create_pr=args.create_pr,
         bundle_experts=args.bundle_experts,
         push_local_experts=args.push_local_experts,
+        base_model=args.base_model,
     )
     url = getattr(info, "pr_url", None) or getattr(info, "commit_url", None)
     _print(f"Pushed {args.mixture} to {args.repo_id}" + (f" ({url})" if url else ""))
@@ -869,6 +894,12 @@ def _add_push(add: Callable[..., argparse.ArgumentParser], sub: Any, common: arg
     p.add_argument("--branch", default=None, help="push to this branch (created if missing)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     p.add_argument("--commit-message", default=None)
+    p.add_argument(
+        "--base-model",
+        default=None,
+        metavar="REPO_ID",
+        help="Hub repo id to record as the base model (a local base folder is never published)",
+    )
     _hub_options(p, revision=None, offline=False)
 
 
@@ -1031,11 +1062,40 @@ def _split_bench(argv: list[str]) -> tuple[list[str], list[str] | None]:
     return argv, None
 
 
+class _RedactingFilter(logging.Filter):
+    """Redacts the secrets out of every log record a handler prints (message and traceback)."""
+
+    def __init__(self, secrets: Sequence[str | None]) -> None:
+        super().__init__()
+        self.secrets = list(secrets)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .redact import redact
+
+        record.msg, record.args = redact(record.getMessage(), self.secrets), None
+        if record.exc_info:
+            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info)), self.secrets).rstrip()
+            record.exc_info = None
+        return True
+
+
+def _redacting_showwarning(secrets: Sequence[str | None]) -> Callable[..., None]:
+    """``warnings.showwarning`` with the secrets redacted from the printed warning."""
+    from .redact import redact
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        (file or sys.stderr).write(redact(text, secrets))
+
+    return show
+
+
 @contextlib.contextmanager
-def output_settings(*, quiet: bool, debug: bool) -> Iterator[None]:
+def output_settings(*, quiet: bool, debug: bool, secrets: Sequence[str | None] = ()) -> Iterator[None]:
     """For one command: progress bars off with ``-q``, xlora-hub's log records as ``xlora-hub: warning: ...``
-    lines, transformers' chatter and third-party deprecation warnings hidden unless ``--debug``. Everything is
-    restored afterwards, so calling :func:`main` in-process changes nothing global."""
+    lines, transformers' chatter and third-party deprecation warnings hidden unless ``--debug``, and the
+    ``secrets`` redacted from every warning and log line (ours, huggingface_hub's, transformers', the root
+    logger's). Everything is restored afterwards, so calling :func:`main` in-process changes nothing global."""
     import transformers
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
@@ -1043,6 +1103,12 @@ def output_settings(*, quiet: bool, debug: bool) -> Iterator[None]:
     package_logger = logging.getLogger("xlora_hub")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    redacting = _RedactingFilter(secrets)
+    handlers = {handler}
+    for name in (None, "huggingface_hub", "transformers"):
+        handlers.update(logging.getLogger(name).handlers)
+    for each in handlers:
+        each.addFilter(redacting)
     saved = (
         package_logger.level,
         package_logger.propagate,
@@ -1059,11 +1125,14 @@ def output_settings(*, quiet: bool, debug: bool) -> Iterator[None]:
         tf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
+            warnings.showwarning = _redacting_showwarning(secrets)
             if not debug:
                 warnings.simplefilter("ignore", FutureWarning)
                 warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
+        for each in handlers:
+            each.removeFilter(redacting)
         package_logger.removeHandler(handler)
         package_logger.setLevel(saved[0])
         package_logger.propagate = saved[1]
@@ -1087,23 +1156,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.bench_args = bench_args
     args.quiet = getattr(args, "quiet", False)
     args.debug = getattr(args, "debug", False)
-    secrets = [s for s in (getattr(args, "token", None), os.environ.get("HF_TOKEN")) if s]
+    raw_token = getattr(args, "token", None)
+    if isinstance(raw_token, str):  # as huggingface_hub does for HF_TOKEN and its token file
+        args.token = raw_token.strip() or None
+    secrets = [s for s in (raw_token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")) if s]
     try:
-        with output_settings(quiet=args.quiet, debug=args.debug):
+        with output_settings(quiet=args.quiet, debug=args.debug, secrets=secrets):
             return int(args.func(args))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except UsageError as err:
         if args.debug:
-            raise
-        print(f"{PROG} {args.command}: error: {one_line(err, secrets=secrets)}", file=sys.stderr)
+            _print_traceback(err, secrets)
+        else:
+            print(f"{PROG} {args.command}: error: {one_line(err, secrets=secrets)}", file=sys.stderr)
         return EXIT_USAGE
     except user_errors() as err:
         if args.debug or not is_user_error(err):
-            raise
+            return _print_traceback(err, secrets)
         print(f"{PROG} {args.command}: error: {one_line(err, secrets=secrets)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as err:  # a bug: the traceback, as Python prints it, but with the secrets redacted
+        return _print_traceback(err, secrets)
+
+
+def _print_traceback(err: BaseException, secrets: Sequence[str | None]) -> int:
+    """Print ``err``'s whole traceback (its causes included) with every secret redacted; exit status 1.
+
+    The CLI prints it itself rather than letting Python do it: the HTTP client's exceptions in the chain
+    can hold the token (as the repr of a header it refused)."""
+    from .redact import redact
+
+    print(redact("".join(traceback.format_exception(err)), secrets).rstrip(), file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 __all__ = ["build_parser", "expert_refs", "generate_text", "main"]

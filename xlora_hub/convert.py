@@ -26,7 +26,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -168,43 +168,101 @@ def _is_numbered_peft_folder(path: Path, folder: Path) -> bool:
     return len(rel.parts) == 1 and rel.parts[0].isdigit()
 
 
-def _ref_from_value(name: str, value: Any, folder: Path, *, what: str) -> ExpertRef:
-    """Resolve an ``adapters`` value: a local folder (as given, or relative to the checkpoint) or a Hub repo."""
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, every link resolved, is ``folder`` or below it."""
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _confined_ref(name: str, value: str, folder: Path, *, what: str) -> ExpertRef | None:
+    """An ``adapters`` value of a checkpoint downloaded from the Hub: a folder inside the downloaded repo, else
+    ``None`` (then only a Hub repo id is accepted). A stranger's absolute path, ``~``, ``..`` or a link out of
+    the snapshot would import files from the downloader's own disk: refused, naming the expert and the path."""
+    fix = f"Pass `adapters={{{name!r}: 'owner/repo' or './folder'}}` (`--adapter {name}=REF`) to say where it is."
+    if os.path.isabs(value) or value.startswith(("~", "\\")) or re.match(r"^[A-Za-z]:", value):
+        raise ExpertNotFoundError(
+            f"{what}: expert {name!r} has the absolute path {value!r}. A checkpoint from the Hub may only name "
+            f"folders inside its own repo or Hub repo ids; a path on the author's machine is never read. {fix}"
+        )
+    if ".." in PurePosixPath(value.replace("\\", "/")).parts:
+        raise ExpertNotFoundError(
+            f"{what}: expert {name!r} path {value!r} leaves the downloaded repo ('..'); it is never followed. {fix}"
+        )
+    try:
+        rel = safe_relative_path(value, what=f"{what}: expert {name!r} path")
+    except InvalidMixtureError:
+        return None  # not a relative path (for example 'repo:subfolder'): only a Hub repo id can match
+    candidate = folder / rel
+    if not (candidate / ADAPTER_CONFIG_NAME).exists() and not candidate.is_symlink():
+        return None
+    if not _inside(candidate, folder):
+        raise ExpertNotFoundError(
+            f"{what}: expert {name!r} path {value!r} is a link that leaves the downloaded repo; it is never "
+            f"followed. {fix}"
+        )
+    return _checked_folder_ref(name, value, candidate, folder, what=what)
+
+
+def _checked_folder_ref(name: str, value: str, candidate: Path, folder: Path, *, what: str) -> ExpertRef:
+    """The ref of an expert folder found at ``candidate`` (never one of peft's numbered whole-model folders)."""
+    if _is_numbered_peft_folder(candidate, folder):
+        raise ExpertNotFoundError(
+            f"{what}: expert {name!r} points at {value!r}, one of the numbered folders peft writes; they hold "
+            "a whole model's tensors, not a usable expert. Pass "
+            f"`adapters={{{name!r}: 'owner/repo' or './folder'}}` with the original expert."
+        )
+    return ExpertRef(path=str(candidate.resolve()))
+
+
+def _ref_from_value(name: str, value: Any, folder: Path, *, what: str, confined: bool = False) -> ExpertRef:
+    """Resolve an ``adapters`` value: a local folder (as given, or relative to the checkpoint) or a Hub repo.
+
+    ``confined`` (a checkpoint downloaded from the Hub): only a folder inside the checkpoint or a Hub repo id,
+    see :func:`_confined_ref`. A local checkpoint's own paths, absolute ones included, are its owner's choice.
+    """
     if not isinstance(value, str) or not value.strip():
         raise InvalidConfigError(f"{what}: expert {name!r} has location {value!r}; expected a folder or a Hub repo id.")
     value = value.strip()
-    candidates = [Path(value).expanduser()]
-    if not os.path.isabs(value):
-        try:
-            candidates.append(folder / safe_relative_path(value, what=f"{what}: expert {name!r} path"))
-        except InvalidMixtureError:
-            pass
+    if confined:
+        ref = _confined_ref(name, value, folder, what=what)
+        if ref is not None:
+            return ref
+        candidates: list[Path] = []
+    else:
+        candidates = [Path(value).expanduser()]
+        if not os.path.isabs(value):
+            try:
+                candidates.append(folder / safe_relative_path(value, what=f"{what}: expert {name!r} path"))
+            except InvalidMixtureError:
+                pass
     for candidate in candidates:
         if (candidate / ADAPTER_CONFIG_NAME).is_file():
-            if _is_numbered_peft_folder(candidate, folder):
-                raise ExpertNotFoundError(
-                    f"{what}: expert {name!r} points at {value!r}, one of the numbered folders peft writes; they hold "
-                    "a whole model's tensors, not a usable expert. Pass "
-                    f"`adapters={{{name!r}: 'owner/repo' or './folder'}}` with the original expert."
-                )
-            return ExpertRef(path=str(candidate.resolve()))
+            return _checked_folder_ref(name, value, candidate, folder, what=what)
     looks_local = value.startswith(("./", "../", "/", "~")) or os.path.isabs(value)
     if not looks_local:
         try:
-            return ExpertRef.parse(value)
+            ref = ExpertRef.parse(value)
         except InvalidConfigError:
             parts = value.strip("/").split("/")
             if len(parts) > 2 and "@" not in value and ":" not in value:  # "owner/repo/sub/folder"
                 return ExpertRef(repo_id="/".join(parts[:2]), subfolder="/".join(parts[2:]))
+        else:
+            if ref.is_hub or not confined:  # confined: never a folder of the working directory
+                return ref
     raise ExpertNotFoundError(
-        f"{what}: expert {name!r} points at {value!r}, which is neither a folder holding {ADAPTER_CONFIG_NAME} nor a "
-        f"Hub repo id. Pass `adapters={{{name!r}: 'owner/repo' or './folder'}}` to say where it is."
+        f"{what}: expert {name!r} points at {value!r}, which is neither a folder holding {ADAPTER_CONFIG_NAME} "
+        + ("inside the downloaded repo " if confined else "")
+        + f"nor a Hub repo id. Pass `adapters={{{name!r}: 'owner/repo' or './folder'}}` to say where it is."
     )
 
 
-def _refs(adapters: Any, folder: Path, *, what: str, subfolders: bool) -> dict[str, ExpertRef]:
+def _refs(adapters: Any, folder: Path, *, what: str, subfolders: bool, confined: bool = False) -> dict[str, ExpertRef]:
     """Expert refs from an ``adapters`` list (names) or dict (name -> location); ``subfolders`` first looks for
-    ``<name>/`` and ``adapters/<name>/`` inside the checkpoint (the original package's layout)."""
+    ``<name>/`` and ``adapters/<name>/`` inside the checkpoint (the original package's layout). ``confined``:
+    the checkpoint was downloaded from the Hub, so its locations must stay inside it (see :func:`_confined_ref`)."""
     if isinstance(adapters, Mapping):
         items = list(adapters.items())
     elif isinstance(adapters, (list, tuple)):
@@ -224,7 +282,7 @@ def _refs(adapters: Any, folder: Path, *, what: str, subfolders: bool) -> dict[s
         if subfolders:
             rel = safe_relative_path(name, what=f"{what}: expert {name!r} folder")
             for candidate in (folder / rel, folder / "adapters" / rel):
-                if (candidate / ADAPTER_CONFIG_NAME).is_file():
+                if (candidate / ADAPTER_CONFIG_NAME).is_file() and (not confined or _inside(candidate, folder)):
                     ref = ExpertRef(path=str(candidate.resolve()))
                     break
         if ref is None:
@@ -233,7 +291,7 @@ def _refs(adapters: Any, folder: Path, *, what: str, subfolders: bool) -> dict[s
                     f"{what}: expert {name!r} has no {name}/{ADAPTER_CONFIG_NAME} in the checkpoint and the config "
                     f"gives no location. Pass `adapters={{{name!r}: 'owner/repo' or './folder'}}`."
                 )
-            ref = _ref_from_value(name, value, folder, what=what)
+            ref = _ref_from_value(name, value, folder, what=what, confined=confined)
         if name.isdigit() and ref.path is not None and Path(ref.path).parent == folder.resolve():
             name = Path(ref.path).name  # peft needs the keys "0".."n-1"; export_peft keeps the names as folder names
         refs[_identifier(name, taken)] = ref
@@ -275,12 +333,19 @@ def _load_classifier_tensors(path: Path, *, what: str) -> dict[str, torch.Tensor
     return tensors
 
 
-def _read_peft(folder: Path, adapters: Any) -> _Foreign:
+def _read_peft(folder: Path, adapters: Any, *, from_hub: bool = False) -> _Foreign:
     what = f"peft X-LoRA checkpoint {folder}"
     raw = _read_json(folder / ADAPTER_CONFIG_NAME, what=what)
     if "hidden_size" not in raw:
         raise InvalidConfigError(f"{what}: {ADAPTER_CONFIG_NAME} has no `hidden_size`.")
-    experts = _refs(adapters if adapters is not None else raw.get("adapters"), folder, what=what, subfolders=False)
+    confined = from_hub and adapters is None  # the caller's own `adapters=` are the caller's choice
+    experts = _refs(
+        adapters if adapters is not None else raw.get("adapters"),
+        folder,
+        what=what,
+        subfolders=False,
+        confined=confined,
+    )
     settings = {k: raw[k] for k in _SHARED_SETTINGS if k in raw}
     if settings.get("scaling_pass_value") is None:
         settings.pop("scaling_pass_value", None)
@@ -318,7 +383,7 @@ def _read_peft(folder: Path, adapters: Any) -> _Foreign:
 _ORIGINAL_KEY = re.compile(r"^(?:inner\.(\d+)|last)\.(weight|bias)$")
 
 
-def _read_original(folder: Path, adapters: Any) -> _Foreign:
+def _read_original(folder: Path, adapters: Any, *, from_hub: bool = False) -> _Foreign:
     what = f"xlora checkpoint {folder}"
     raw = _read_json(folder / CONFIG_NAME, what=what)
     if raw.get("use_mean_pool"):
@@ -352,7 +417,10 @@ def _read_original(folder: Path, adapters: Any) -> _Foreign:
         )
     if "hidden_size" not in raw:
         raise InvalidConfigError(f"{what}: {CONFIG_NAME} has no `hidden_size`.")
-    experts = _refs(adapters if adapters is not None else raw.get("adapters"), folder, what=what, subfolders=True)
+    confined = from_hub and adapters is None
+    experts = _refs(
+        adapters if adapters is not None else raw.get("adapters"), folder, what=what, subfolders=True, confined=confined
+    )
     settings = {k: raw[k] for k in _SHARED_SETTINGS if k in raw}
     settings["xlora_depth"] = depth
     if depth > 1:
@@ -482,7 +550,9 @@ def import_mixture(
             device=device,
         )
     assert folder is not None
-    foreign = _read_peft(folder, adapters) if fmt == FORMAT_PEFT else _read_original(folder, adapters)
+    from_hub = not Path(os.fspath(source)).expanduser().is_dir()  # a snapshot in the cache, written by a stranger
+    read = _read_peft if fmt == FORMAT_PEFT else _read_original
+    foreign = read(folder, adapters, from_hub=from_hub)
     return _build(
         foreign,
         base_model=base_model,

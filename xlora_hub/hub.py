@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import re
@@ -93,16 +94,68 @@ def transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(classes)
 
 
+def hub_endpoint() -> str:
+    """The Hub URL requests go to (``HF_ENDPOINT``, read by ``huggingface_hub`` at import)."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT.rstrip("/")
+
+
+def hub_connection_error(
+    err: BaseException, *, what: str | None = None, token: str | bool | None = None, download: bool = True
+) -> ConnectionError:
+    """A transport error as a ``ConnectionError`` that names the endpoint, says what failed and how to fix it.
+
+    The HTTP client's text is redacted (:func:`xlora_hub.redact.redact`): it can hold the token, for example as
+    the repr of a header it refused.
+    """
+    from .redact import redact
+
+    endpoint = hub_endpoint()
+    detail = redact(" ".join(f"{type(err).__name__}: {err}".split()), [token])
+    prefix = f"{what}: " if what else ""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    if "LocalProtocolError" in names:
+        text = (
+            f"{prefix}the request to the Hub at {endpoint} was refused by the HTTP client ({detail}). A token with "
+            "spaces or line breaks (for example read from a file with Windows line endings) cannot be sent; check "
+            "the token."
+        )
+    elif names & {"ConnectError", "ConnectTimeout", "ProxyError"}:
+        text = (
+            f"{prefix}the Hub at {endpoint} could not be reached ({detail}). Check the network connection and "
+            "HF_ENDPOINT (unset it for huggingface.co)"
+            + (
+                "; to use files already in the cache, pass `local_files_only=True` (`--offline` for the CLI "
+                "commands that take it)."
+                if download
+                else "."
+            )
+        )
+    else:
+        text = (
+            f"{prefix}the connection to the Hub at {endpoint} failed"
+            + (" during the download" if download else "")
+            + f" ({detail}). "
+            + (
+                "Nothing incomplete was kept in the cache; try again, or pass `local_files_only=True` to use cached "
+                "files."
+                if download
+                else "Try again; check the network connection and HF_ENDPOINT."
+            )
+        )
+    return ConnectionError(text)
+
+
 @contextlib.contextmanager
-def clear_connection_errors(what: str) -> Iterator[None]:
-    """Turn a lost connection during a download into a ``ConnectionError`` that names what was being fetched."""
+def clear_connection_errors(what: str, *, token: str | bool | None = None, download: bool = True) -> Iterator[None]:
+    """Turn a lost or refused connection into a ``ConnectionError`` that names what was being fetched (or
+    pushed), the endpoint and the fix, with the token redacted. The client's exception is not chained: its
+    text (redacted here) can hold the token."""
     try:
         yield
     except transport_errors() as err:
-        raise ConnectionError(
-            f"{what}: the connection to the Hub failed during the download ({type(err).__name__}: {err}). Nothing "
-            "incomplete was kept in the cache; try again, or pass `local_files_only=True` to use cached files."
-        ) from err
+        raise hub_connection_error(err, what=what, token=token, download=download) from None
 
 
 # ---------------------------------------------------------------------------------------------- fetch
@@ -143,7 +196,7 @@ def _download(repo_id: str, filename: str, *, revision: str | None, what: str, *
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
     try:
-        with clear_connection_errors(f"{what}, file {filename}"):
+        with clear_connection_errors(f"{what}, file {filename}", token=hub_kwargs.get("token")):
             return Path(hf_hub_download(repo_id, filename, revision=revision, **hub_kwargs))
     except RemoteEntryNotFoundError:
         raise InvalidMixtureError(
@@ -221,7 +274,7 @@ def _download_bundled_expert(repo_id: str, name: str, subdir: str, *, revision: 
 
     for filename in EXPERT_FILES:
         try:
-            with clear_connection_errors(f"{what}, bundled expert {name!r}"):
+            with clear_connection_errors(f"{what}, bundled expert {name!r}", token=kw.get("token")):
                 hf_hub_download(repo_id, f"{subdir}/{filename}", revision=revision, **kw)
         except RemoteEntryNotFoundError:
             if filename == ADAPTER_WEIGHTS_NAME:
@@ -356,7 +409,7 @@ def load_mixture(
                 f"Mixture {source.label} names no base model; pass `base_model=` (the transformers model it was made on)."
             )
         base_ref = _resolve_base_model_ref(source)
-        with clear_connection_errors(f"Mixture {source.label}: base model {base_ref.repo_id!r}"):
+        with clear_connection_errors(f"Mixture {source.label}: base model {base_ref.repo_id!r}", token=token):
             base_model = load_base_model(
                 base_ref,
                 token=token,
@@ -364,7 +417,7 @@ def load_mixture(
                 local_files_only=local_files_only,
                 torch_dtype=torch_dtype,
             )
-    with clear_connection_errors(f"Mixture {source.label}: experts {source.config.expert_names}"):
+    with clear_connection_errors(f"Mixture {source.label}: experts {source.config.expert_names}", token=token):
         model = XLoraModel.from_experts(
             base_model,
             source.config,
@@ -415,7 +468,10 @@ def _pin_base_model(ref: BaseModelRef | None, api: Any) -> BaseModelRef | None:
     try:
         sha = api.model_info(ref.repo_id, revision=ref.revision).sha
     except (HfHubHTTPError, OSError) as err:  # the base may be a private model the token cannot read
-        logger.warning("Could not pin base model %r to a commit (%s); it stays unpinned.", ref.repo_id, err)
+        from .redact import redact
+
+        why = redact(" ".join(str(err).split()), [getattr(api, "token", None)])
+        logger.warning("Could not pin base model %r to a commit (%s); it stays unpinned.", ref.repo_id, why)
         return ref
     return BaseModelRef(repo_id=ref.repo_id, revision=sha) if sha else ref
 
@@ -434,6 +490,7 @@ def _push_expert(api: Any, expert: ResolvedExpert, repo_id: str, *, mixture: str
         folder = Path(tmp)
         for filename in EXPERT_FILES:
             shutil.copyfile(expert.local_dir / filename, folder / filename)
+        _drop_local_base_paths(folder)
         adapter = read_json_object(folder / ADAPTER_CONFIG_NAME)
         base = adapter.get("base_model_name_or_path")
         data = ModelCardData(
@@ -465,12 +522,18 @@ def push_mixture(
     bundle_experts: bool = False,
     push_local_experts: bool = False,
     revision: str | None = None,
+    base_model: str | None = None,
 ) -> CommitInfo:
     """Push the mixture to ``repo_id`` in one commit, every Hub expert (and the base model) pinned to a commit first.
 
     Experts that are only local folders are bundled (``bundle_experts=True``), pushed to their own repos
     ``<repo_id>-<name>`` (``push_local_experts=True``, with the same ``private``), or refused before anything
     is pushed. Trained experts are always bundled. ``revision`` is an alias of ``branch``.
+
+    ``base_model`` is the Hub repo id to record as the base model (for a mixture made on a local copy of it).
+    A local base model folder is never written into the pushed files: without ``base_model`` the pushed
+    config records none (with a warning), and its users pass ``base_model=`` when loading. A lost or refused
+    connection is a ``ConnectionError`` naming the endpoint.
     """
     from huggingface_hub.utils import validate_repo_id
 
@@ -492,38 +555,89 @@ def push_mixture(
             "`bundle_experts=True` to copy them into the mixture repo, or `push_local_experts=True` to push each "
             f"to its own repo ({expert_repo_id(repo_id, local[0].name)!r}, ...). Nothing was pushed."
         )
+    if base_model is not None:
+        validate_repo_id(base_model)
+    with clear_connection_errors(f"Pushing the mixture to {repo_id!r}", token=token, download=False):
+        return _push(
+            model,
+            repo_id,
+            local,
+            token=token,
+            private=private,
+            commit_message=commit_message,
+            branch=branch,
+            create_pr=create_pr,
+            bundle_experts=bundle_experts,
+            push_local_experts=push_local_experts,
+            base_model=base_model,
+        )
+
+
+def _push(model: XLoraModel, repo_id: str, local: list[ResolvedExpert], *, token: str | bool | None, **options: Any):
+    """The Hub side of :func:`push_mixture` (its arguments checked): pin, push local experts, upload the folder."""
+    private, branch, bundle_experts = options["private"], options["branch"], options["bundle_experts"]
+    trained = model.xlora_config.use_trainable_adapters
     api = _hub_api(token)
     overrides: dict[str, ExpertRef] = {}
     if not trained and not bundle_experts:
         for expert in model.experts:
             if expert.ref.is_hub:
                 overrides[expert.name] = _pin(expert, api)
-        if push_local_experts:
+        if options["push_local_experts"]:
             for expert in local:
                 repo = expert_repo_id(repo_id, expert.name)
                 overrides[expert.name] = _push_expert(api, expert, repo, mixture=repo_id, private=private)
     plans = _plan_experts(model, bundle_experts=bundle_experts, overrides=overrides)
     with tempfile.TemporaryDirectory(prefix="xlora-mixture-") as tmp:
-        base = _pin_base_model(model.xlora_config.base_model, api)
-        if base is not None and _is_local_ref(base.repo_id):
-            logger.warning(
-                "The base model of %r is the local folder %r: users of the pushed mixture must pass `base_model=`. "
-                "Push the base model to the Hub and load it from there first to record its repo id.",
-                repo_id,
-                base.repo_id,
-            )
+        base = _pushed_base_model(model, repo_id, options["base_model"], api)
         config = _write_mixture(model, Path(tmp), plans, repo_id=repo_id, base_model=base)
+        if base is None and model.xlora_config.base_model is not None:
+            config = config.replace(base_model=None)
+            config.save(Path(tmp) / CONFIG_NAME)
+            make_model_card(config, repo_id=repo_id).save(str(Path(tmp) / MODEL_CARD_NAME))
+        _drop_local_base_paths(Path(tmp) / EXPERTS_DIR)
         api.create_repo(repo_id, private=private, exist_ok=True)
         if branch is not None:
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         return api.upload_folder(
             repo_id=repo_id,
             folder_path=tmp,
-            commit_message=commit_message or f"Upload X-LoRA mixture of {config.n_experts} experts (xlora-hub)",
+            commit_message=options["commit_message"]
+            or f"Upload X-LoRA mixture of {config.n_experts} experts (xlora-hub)",
             revision=branch,
-            create_pr=create_pr,
+            create_pr=options["create_pr"],
             delete_patterns=[f"{EXPERTS_DIR}/**"],
         )
+
+
+def _pushed_base_model(model: XLoraModel, repo_id: str, given: str | None, api: Any) -> BaseModelRef | None:
+    """The base model the pushed config records: ``given`` (a Hub id) or the model's own, pinned; ``None``
+    for a local folder, whose path means nothing on another machine (and must not be published)."""
+    if given is not None:
+        return _pin_base_model(BaseModelRef(repo_id=given), api)
+    base = _pin_base_model(model.xlora_config.base_model, api)
+    if base is not None and _is_local_ref(base.repo_id):
+        logger.warning(
+            "The base model of %r is the local folder %r: the pushed mixture records no base model (a local path "
+            "is never published), so its users must pass `base_model=` when loading it. To record it, push the "
+            "base model to the Hub and pass its repo id: `push_to_hub(repo_id, base_model='owner/name')` "
+            "(`xlora-hub push ... --base-model owner/name`).",
+            repo_id,
+            base.repo_id,
+        )
+        return None
+    return base
+
+
+def _drop_local_base_paths(folder: Path) -> None:
+    """Clear a local ``base_model_name_or_path`` in the peft adapter configs under ``folder`` before they are
+    pushed: peft records the folder the expert was trained on, a path on this machine."""
+    for path in sorted(folder.rglob(ADAPTER_CONFIG_NAME)) if folder.is_dir() else []:
+        data = read_json_object(path)
+        value = data.get("base_model_name_or_path")
+        if isinstance(value, str) and value and not _is_hub_id(value):
+            data["base_model_name_or_path"] = None
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------- download

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 
@@ -17,13 +18,20 @@ def _hub_url(repo_id: str, revision: str | None, subfolder: str | None) -> str:
     return url + (f"/{subfolder}" if subfolder else "")
 
 
+def _folder_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(os.path.expanduser(path))) or "."
+
+
 def _expert_row(index: int, name: str, ref: ExpertRef) -> str:
     if ref.is_hub:
         source = f"[{ref.repo_id}]({_hub_url(ref.repo_id, ref.revision, ref.subfolder)})"
         revision = f"`{ref.revision[:12] if ref.is_pinned else ref.revision}`" if ref.revision else "latest (unpinned)"
-    else:
+    elif ref.path and not os.path.isabs(os.path.expanduser(ref.path)):
         source = f"bundled: [`{ref.path}`]({ref.path})"
         revision = "this repo"
+    else:  # an absolute path (a config made in memory, never a saved one): named, not written
+        source = f"local folder `{_folder_name(ref.path or '')}`"
+        revision = "local"
     return f"| {index} | `{name}` | {source} | {revision} | {ref.subfolder or ''} |"
 
 
@@ -39,7 +47,12 @@ def make_model_card(config: XLoraConfig, *, repo_id: str | None = None):
     )
     shapes = expected_classifier_shapes(config)
     n_params = sum(int(torch.Size(shape).numel()) for shape in shapes.values())
-    base_text = (f"`{base.repo_id}`" + (f" at `{base.revision}`" if base.revision else "")) if base else "a base model"
+    if base is None:
+        base_text = "a base model"
+    elif _is_hub_id(base.repo_id):
+        base_text = f"`{base.repo_id}`" + (f" at `{base.revision}`" if base.revision else "")
+    else:  # a card is made to be published: a local folder is named, its path never written
+        base_text = f"a local base model (folder `{_folder_name(base.repo_id)}`)"
     title = repo_id or "X-LoRA mixture"
     rows = "\n".join(_expert_row(i, name, ref) for i, (name, ref) in enumerate(config.experts.items()))
     settings = "\n".join(f"| `{key}` | `{json.dumps(value)}` |" for key, value in settings_dict(config).items())

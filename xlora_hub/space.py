@@ -41,9 +41,43 @@ SPACE_FILES = ("app.py", "requirements.txt", "README.md")
 _APP_MODULE_NAME = "xlora_hub_space_app"
 
 
+MAX_UPLOAD_BYTES = 16 * 1024
+"""Gradio's upload cap for the app (``launch(max_file_size=...)``): it has no file input, so nothing legitimate
+is uploaded, and without a cap ``/gradio_api/upload`` takes files of any size onto the server's disk."""
+
+
 def _looks_local(value: str) -> bool:
     """A local folder (existing, or written as a path) rather than a Hub repo id."""
     return value.startswith((".", "/", "~")) or os.path.isabs(value) or Path(value).expanduser().exists()
+
+
+def local_label(path: str | os.PathLike[str]) -> str:
+    """How a page shows a local folder: by its name, never by its path (a Space page is public, and a path
+    says who runs it and how their disk is laid out)."""
+    name = Path(os.path.expanduser(os.fspath(path))).resolve().name
+    return f"local folder {name!r}" if name else "a local folder"
+
+
+def display_name(mixture: str | os.PathLike[str]) -> str:
+    """A mixture as a page names it: a Hub repo id as it is, a local folder by :func:`local_label`."""
+    text = os.fspath(mixture)
+    return local_label(text) if _looks_local(text) else text
+
+
+def hide_local_paths(text: str, paths: Sequence[str | os.PathLike[str] | None]) -> str:
+    """``text`` with each of ``paths`` (as given and resolved) replaced by its :func:`local_label`, for text
+    written on this machine (a model card) that a page shows."""
+    spellings: dict[str, str] = {}
+    for path in paths:
+        if not path or not _looks_local(os.fspath(path)):
+            continue
+        label = local_label(path)
+        for spelling in {os.fspath(path), str(Path(os.path.expanduser(os.fspath(path))).resolve())}:
+            if os.path.isabs(spelling):
+                spellings[spelling] = label
+    for spelling in sorted(spellings, key=len, reverse=True):
+        text = text.replace(spelling, spellings[spelling])
+    return text
 
 
 # ---------------------------------------------------------------------------------------------- routing views
@@ -115,7 +149,8 @@ class ExpertInfo:
 
 
 def expert_infos(model: Any) -> list[ExpertInfo]:
-    """Name, source (a Hub link at the pinned revision, or the local folder), rank and target modules of each expert."""
+    """Name, source (a Hub link at the pinned revision, or the local folder's name, never its path), rank and
+    target modules of each expert."""
     infos = []
     for expert in model.experts:
         ref = expert.pinned_ref()
@@ -134,8 +169,9 @@ def expert_infos(model: Any) -> list[ExpertInfo]:
                 )
             )
         else:
+            shown = local_label(expert.local_dir or ref.path)
             infos.append(
-                ExpertInfo(expert.name, str(ref), None, None, adapter.get("r"), adapter.get("lora_alpha"), targets)
+                ExpertInfo(expert.name, shown, None, None, adapter.get("r"), adapter.get("lora_alpha"), targets)
             )
     return infos
 
@@ -255,9 +291,12 @@ def load_tokenizer(
             return AutoTokenizer.from_pretrained(name, revision=rev, token=token)
         except Exception as err:  # noqa: BLE001 - transformers raises many types for "no tokenizer here"
             last = err
+    from .redact import redact
+
     names = " or ".join(repr(name) for name, _ in candidates)
+    why = redact(" ".join(str(last).split()), [token])[:200]  # redacted before it is cut
     raise InvalidMixtureError(
-        f"No tokenizer found in {names} ({' '.join(str(last).split())[:200]}). Save one next to the mixture with "
+        f"No tokenizer found in {names} ({why}). Save one next to the mixture with "
         "`tokenizer.save_pretrained(mixture_folder)`."
     )
 
@@ -593,10 +632,14 @@ __all__ = [
     "SPACE_CONFIG_NAME",
     "build_space_folder",
     "dominant_experts",
+    "MAX_UPLOAD_BYTES",
+    "display_name",
     "expert_infos",
+    "hide_local_paths",
     "hub_url",
     "launch_demo",
     "layer_view",
+    "local_label",
     "load_app_module",
     "load_demo",
     "load_tokenizer",
