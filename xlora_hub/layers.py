@@ -21,8 +21,14 @@ from peft.tuners import lora
 from torch import nn
 
 from .errors import IncompatibleExpertError
+from .quantization import quantized_linear_lora_classes, supported_layers_text, unsupported_quantized_backend
 
 SUPPORTED_LORA_LAYERS = (lora.Linear, lora.Embedding, lora.Conv2d)
+
+
+def supported_lora_layers() -> tuple[type, ...]:
+    """Every peft LoRA layer class X-LoRA mixes: :data:`SUPPORTED_LORA_LAYERS` and the quantized Linears installed."""
+    return SUPPORTED_LORA_LAYERS + quantized_linear_lora_classes()
 
 
 class RoutingState:
@@ -225,7 +231,9 @@ def _tokens_view(multiplier: torch.Tensor, x: torch.Tensor, module_name: str) ->
 
 
 class XLoraLinear(XLoraLayer):
-    """X-LoRA over a peft ``lora.Linear`` (also GPT-2's ``Conv1D`` base layers)."""
+    """X-LoRA over a peft ``lora.Linear`` (also GPT-2's ``Conv1D`` base layers) and peft's LoRA layers over
+    quantized Linears (bitsandbytes 4/8-bit, torchao, optimum-quanto): their forward too is ``base_layer(x)``
+    plus the LoRA delta, and the quantized base layer is only called, never read or cast."""
 
     def _source_tensors(self) -> list[torch.Tensor]:
         layer = self.lora_layer
@@ -373,15 +381,29 @@ def wrap_lora_layer(
     lora_layer: nn.Module, *, layer_index: int, expert_names: list[str], routing: RoutingState, module_name: str
 ) -> XLoraLayer:
     """Pick the X-LoRA wrapper for a peft LoRA layer (exact types: subclasses may change semantics)."""
-    if type(lora_layer) is lora.Linear:
+    if type(lora_layer) is lora.Linear or type(lora_layer) in quantized_linear_lora_classes():
         cls: type[XLoraLayer] = XLoraLinear
     elif type(lora_layer) is lora.Embedding:
         cls = XLoraEmbedding
     elif type(lora_layer) is lora.Conv2d:
         cls = XLoraConv2d
     else:
-        raise IncompatibleExpertError(
-            f"Module {module_name!r} is a {type(lora_layer).__name__}; X-LoRA supports LoRA on Linear, Conv1D, "
-            "Embedding and Conv2d layers. Retrain the expert without this module in `target_modules`."
-        )
+        raise IncompatibleExpertError(_unsupported_layer_message(lora_layer, module_name))
     return cls(lora_layer, layer_index=layer_index, expert_names=expert_names, routing=routing, module_name=module_name)
+
+
+def _unsupported_layer_message(lora_layer: nn.Module, module_name: str) -> str:
+    """Why a peft layer cannot be mixed and what to do: a quantized backend is a loading choice, not the expert's."""
+    name = type(lora_layer).__name__
+    supported = supported_layers_text()
+    backend = unsupported_quantized_backend(lora_layer)
+    if backend is not None:
+        return (
+            f"Module {module_name!r} is a {name} (peft's LoRA over a {backend}-quantized layer), which X-LoRA does not "
+            f"mix. Supported: {supported}. Load the base model with one of those quantizations (for example "
+            "`BitsAndBytesConfig(load_in_4bit=True)`) or unquantized; the experts need no change."
+        )
+    return (
+        f"Module {module_name!r} is a {name}, which X-LoRA does not mix. Supported: {supported}. "
+        "Retrain the expert without this module in `target_modules`."
+    )

@@ -16,6 +16,7 @@ Hub.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -30,7 +31,8 @@ from .classifier import XLoraClassifier
 from .config import BaseModelRef, ExpertRef, XLoraConfig
 from .errors import IncompatibleExpertError, InvalidConfigError, InvalidMixtureError
 from .experts import ResolvedExpert, cached_commit_sha, check_expert_matches_model, read_adapter_config, resolve_expert
-from .layers import SUPPORTED_LORA_LAYERS, RoutingState, XLoraLayer, wrap_lora_layer
+from .layers import RoutingState, XLoraLayer, supported_lora_layers, wrap_lora_layer
+from .quantization import compute_dtype, describe_quantization, is_quantized_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -128,14 +130,16 @@ class XLoraModel(nn.Module):
         if xlora_config.layer_names is not None and xlora_config.layer_names != layer_names:
             raise InvalidMixtureError(_layer_mismatch_message(xlora_config.layer_names, layer_names))
         hidden_size = _check_hidden_size(model, xlora_config)
-        self.xlora_config = xlora_config.replace(layer_names=layer_names, hidden_size=hidden_size)
+        self.xlora_config = xlora_config.replace(
+            layer_names=layer_names, hidden_size=hidden_size, base_model=_with_quantization(xlora_config, model)
+        )
         param = next(model.parameters())
         self.classifier = XLoraClassifier(
             self.xlora_config,
             hidden_size=hidden_size,
             n_layers=len(self.xlora_layers),
             n_experts=len(names),
-            dtype=param.dtype if param.is_floating_point() else None,
+            dtype=compute_dtype(model),
             device=param.device,
         )
         self._apply_trainability()
@@ -185,8 +189,7 @@ class XLoraModel(nn.Module):
         for expert in resolved:
             read_adapter_config(expert)
             check_expert_matches_model(expert, base_model)
-        if device is not None or torch_dtype is not None:
-            base_model.to(device=device, dtype=torch_dtype)
+        _move_base_model(base_model, device=device, torch_dtype=torch_dtype)
         return cls._build(base_model, config, resolved, upcast_experts=upcast_experts)
 
     @classmethod
@@ -205,11 +208,11 @@ class XLoraModel(nn.Module):
                 else:
                     peft_model.load_adapter(str(expert.local_dir), **kwargs)
             hf_model = peft_model.base_model.model
-            dtype = torch.float32 if upcast_experts else next(base_model.parameters()).dtype
+            dtype = torch.float32 if upcast_experts else compute_dtype(base_model)
             for module in hf_model.modules():
-                if isinstance(module, SUPPORTED_LORA_LAYERS):
+                if isinstance(module, supported_lora_layers()):
                     for name, param in module.named_parameters():
-                        if "lora_" in name and param.is_floating_point() and param.dtype != dtype:
+                        if "lora_" in name and not is_quantized_tensor(param) and param.dtype != dtype:
                             param.data = param.data.to(dtype)
             return cls(hf_model, config, experts=resolved, peft_model=peft_model)
         except Exception:
@@ -546,6 +549,31 @@ class XLoraModel(nn.Module):
         """Put peft's own LoRA layers back and return the ``transformers`` model (still holding the experts)."""
         _restore_peft_layers(self.model)
         return self.model
+
+
+def _with_quantization(config: XLoraConfig, model: nn.Module) -> BaseModelRef | None:
+    """The config's base model ref recording how this base is quantized (information only: nothing reads it back)."""
+    ref = config.base_model
+    if ref is None:
+        return None
+    quantization = describe_quantization(model)
+    return ref if ref.quantization == quantization else dataclasses.replace(ref, quantization=quantization)
+
+
+def _move_base_model(model: nn.Module, *, device: torch.device | str | None, torch_dtype: torch.dtype | None) -> None:
+    """``model.to(device, dtype)`` for the arguments given; a quantized base is never cast to another dtype."""
+    if torch_dtype is not None and describe_quantization(model) is not None:
+        if torch_dtype == compute_dtype(model):
+            torch_dtype = None
+        else:
+            raise InvalidConfigError(
+                f"The base model is quantized ({describe_quantization(model)}) and cannot be cast to {torch_dtype}: "
+                "choose its compute dtype when loading it (`dtype=` in transformers' `from_pretrained`, or "
+                "`bnb_4bit_compute_dtype`), and leave `torch_dtype` unset here."
+            )
+    kwargs = {k: v for k, v in (("device", device), ("dtype", torch_dtype)) if v is not None}
+    if kwargs:
+        model.to(**kwargs)
 
 
 def _restore_peft_layers(model: nn.Module) -> None:
