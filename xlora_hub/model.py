@@ -133,14 +133,13 @@ class XLoraModel(nn.Module):
         self.xlora_config = xlora_config.replace(
             layer_names=layer_names, hidden_size=hidden_size, base_model=_with_quantization(xlora_config, model)
         )
-        param = next(model.parameters())
         self.classifier = XLoraClassifier(
             self.xlora_config,
             hidden_size=hidden_size,
             n_layers=len(self.xlora_layers),
             n_experts=len(names),
             dtype=compute_dtype(model),
-            device=param.device,
+            device=_hidden_state_device(model),
         )
         self._apply_trainability()
         self.eval()
@@ -160,6 +159,9 @@ class XLoraModel(nn.Module):
         force_download: bool = False,
         base_dir: str | os.PathLike[str] | None = None,
         upcast_experts: bool = False,
+        device_map: str | dict[str, Any] | None = None,
+        max_memory: dict[Any, Any] | None = None,
+        offload_folder: str | os.PathLike[str] | None = None,
     ) -> XLoraModel:
         """A new mixture with an untrained classifier, from a base model and the experts named in ``config``.
 
@@ -168,6 +170,10 @@ class XLoraModel(nn.Module):
         Every expert is checked (plain LoRA, target modules and sizes that fit the base model) before
         the base model is modified. Experts are kept in the base model's dtype unless
         ``upcast_experts=True`` (float32).
+
+        A base placed by accelerate (loaded with ``device_map``, some layers offloaded to "cpu" or "disk")
+        keeps its placement: peft re-dispatches it with the experts using ``device_map`` (default: the base's
+        own ``hf_device_map``), ``max_memory`` and ``offload_folder`` (default: the folder it was offloaded to).
         """
         if not isinstance(config, XLoraConfig):
             config = XLoraConfig(**dict(config))
@@ -190,11 +196,20 @@ class XLoraModel(nn.Module):
             read_adapter_config(expert)
             check_expert_matches_model(expert, base_model)
         _move_base_model(base_model, device=device, torch_dtype=torch_dtype)
-        return cls._build(base_model, config, resolved, upcast_experts=upcast_experts)
+        offload = _offload_kwargs(
+            base_model, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder
+        )
+        return cls._build(base_model, config, resolved, upcast_experts=upcast_experts, offload=offload)
 
     @classmethod
     def _build(
-        cls, base_model: nn.Module, config: XLoraConfig, resolved: list[ResolvedExpert], *, upcast_experts: bool
+        cls,
+        base_model: nn.Module,
+        config: XLoraConfig,
+        resolved: list[ResolvedExpert],
+        *,
+        upcast_experts: bool,
+        offload: Mapping[str, Any] | None = None,
     ) -> XLoraModel:
         from peft import PeftModel
 
@@ -203,6 +218,7 @@ class XLoraModel(nn.Module):
         try:
             for i, expert in enumerate(resolved):
                 kwargs = dict(adapter_name=expert.name, is_trainable=trainable, autocast_adapter_dtype=False)
+                kwargs.update(offload or {})
                 if i == 0:
                     peft_model = PeftModel.from_pretrained(base_model, str(expert.local_dir), **kwargs)
                 else:
@@ -300,7 +316,7 @@ class XLoraModel(nn.Module):
             return None  # exactly the base model: no expert math at all
         n_layers = self.n_layers if self.xlora_config.layerwise_scalings else 1
         dummy = torch.full((1, 1, n_layers, self.n_experts), value, dtype=self.classifier.last_layer.weight.dtype)
-        return self._process_scalings(dummy.to(self.device))
+        return self._process_scalings(dummy.to(self.classifier.last_layer.weight.device))
 
     def _last_hidden_state(self, model_kwargs: dict[str, Any], cache: XLoraCache | None) -> torch.Tensor:
         kwargs = {k: v for k, v in model_kwargs.items() if k not in _REAL_PASS_ONLY}
@@ -338,7 +354,7 @@ class XLoraModel(nn.Module):
     def compute_scalings(self, model_kwargs: dict[str, Any], cache: XLoraCache | None = None) -> torch.Tensor:
         """Run the scaling pass and the classifier: scalings ``[batch, seq, n_layers, n_experts]``."""
         hidden = self._last_hidden_state(model_kwargs, cache)
-        scalings = self.classifier(hidden)
+        scalings = self.classifier(hidden.to(self.classifier.last_layer.weight.device))
         self._latest_scalings = scalings
         if self._scalings_logging:
             self._scalings_log.append(scalings.detach())
@@ -558,6 +574,55 @@ def _with_quantization(config: XLoraConfig, model: nn.Module) -> BaseModelRef | 
         return None
     quantization = describe_quantization(model)
     return ref if ref.quantization == quantization else dataclasses.replace(ref, quantization=quantization)
+
+
+def _offload_kwargs(
+    model: nn.Module,
+    *,
+    device_map: str | dict[str, Any] | None,
+    max_memory: dict[Any, Any] | None,
+    offload_folder: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
+    """peft's loading arguments for a base accelerate placed with offloaded layers (nothing for other bases).
+
+    peft re-dispatches such a base with each adapter; without its map and offload folder it moves the
+    offloaded (meta) weights and fails ("Cannot copy out of meta tensor").
+    """
+    placement = getattr(model, "hf_device_map", None)
+    if not placement or not {"cpu", "disk"} & {str(v) for v in placement.values()}:
+        return {}
+    if device_map is None:  # peft dispatches the PeftModel, whose modules sit under "base_model.model."
+        device_map = {f"base_model.model.{name}" if name else "base_model.model": d for name, d in placement.items()}
+    if offload_folder is None:
+        offload_folder = next(
+            (
+                getattr(getattr(module._hf_hook, "weights_map", None), "dataset", None)
+                for module in model.modules()
+                if getattr(getattr(getattr(module, "_hf_hook", None), "weights_map", None), "dataset", None)
+            ),
+            None,
+        )
+        offload_folder = getattr(offload_folder, "save_folder", None)
+    kwargs: dict[str, Any] = {"device_map": device_map}
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
+    return kwargs
+
+
+def _hidden_state_device(model: nn.Module) -> torch.device:
+    """Where the last hidden state comes out, for the classifier: the execution device of the layer reading it
+    (the output embeddings) under accelerate, else the device of the first real (not offloaded) weight."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hook = getattr(head, "_hf_hook", None) if head is not None else None
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    for param in model.parameters():
+        if not param.is_meta:
+            return param.device
+    return torch.device("cpu")
 
 
 def _move_base_model(model: nn.Module, *, device: torch.device | str | None, torch_dtype: torch.dtype | None) -> None:
