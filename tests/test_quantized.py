@@ -41,6 +41,10 @@ SKIP = "{} is not installed (pip install 'xlora-hub[quant]'); CI installs it"
 MODEL_ATOL = {"bnb": 5e-5, "bnb-int8": 5e-5, "torchao-int8-dynamic": 1e-3}
 DEFAULT_MODEL_ATOL = 2e-5
 LAYER_ATOL = 1e-5
+# Cached against uncached generation scores: the cached attention rounds differently in its last bits, which
+# the same input rounding amplifies. Measured: 2.9e-4 (bnb int8), 2.7e-4 (torchao dynamic int8), 2.9e-5
+# (bnb 4-bit), 1.8e-6 (torchao weight-only, quanto).
+GENERATION_ATOL = {"bnb-int8": 1e-3, "torchao-int8-dynamic": 1e-3, "bnb": 2e-4}
 
 
 def _bnb(**kwargs):
@@ -226,8 +230,7 @@ def test_cached_generation_equals_uncached(base_dir, experts, backend):
     cached = model.generate(input_ids=ids, use_cache=True, **kwargs)
     uncached = model.generate(input_ids=ids, use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
-    # bitsandbytes int8 casts each input to float16: the cached attention's last-bit differences become ~2e-4
-    atol = 1e-3 if backend == "bnb-int8" else model_atol(backend)
+    atol = GENERATION_ATOL.get(backend, GENERATION_ATOL.get(_family(backend), DEFAULT_MODEL_ATOL))
     for a, b in zip(cached.scores, uncached.scores):
         torch.testing.assert_close(a, b, atol=atol, rtol=0)
 
