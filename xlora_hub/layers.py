@@ -396,12 +396,12 @@ def wrap_lora_layer(
     lora_layer: nn.Module, *, layer_index: int, expert_names: list[str], routing: RoutingState, module_name: str
 ) -> XLoraLayer:
     """Pick the X-LoRA wrapper for a peft LoRA layer (exact types: subclasses may change semantics)."""
-    if type(lora_layer) is lora.Linear or type(lora_layer) in quantized_linear_lora_classes():
-        cls: type[XLoraLayer] = XLoraLinear
-    elif type(lora_layer) is lora.Embedding:
-        cls = XLoraEmbedding
+    if type(lora_layer) is lora.Embedding:
+        cls: type[XLoraLayer] = XLoraEmbedding
     elif type(lora_layer) is lora.Conv2d:
         cls = XLoraConv2d
+    elif type(lora_layer) is lora.Linear or type(lora_layer) in quantized_linear_lora_classes():
+        cls = XLoraLinear
     else:
         raise IncompatibleExpertError(_unsupported_layer_message(lora_layer, module_name))
     return cls(lora_layer, layer_index=layer_index, expert_names=expert_names, routing=routing, module_name=module_name)

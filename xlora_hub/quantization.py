@@ -13,34 +13,30 @@ loads on the same base quantized another way, or not at all.
 
 from __future__ import annotations
 
-import functools
+import sys
 from typing import Any
 
 import torch
 from torch import nn
 
 
-@functools.cache
 def quantized_linear_lora_classes() -> tuple[type, ...]:
     """peft's LoRA layers over a quantized ``Linear`` whose forward is ``base_layer(x)`` + the LoRA delta.
 
-    Exact classes (subclasses may change the forward). Only those whose backend is installed are listed.
+    Exact classes (subclasses may change the forward). Read from the peft modules already imported: a layer
+    of one of these classes exists only once peft imported its module, so nothing (bitsandbytes, torchao) is
+    imported here.
     """
     classes: list[type] = []
-    try:
-        from peft.tuners.lora import bnb
-    except ImportError:  # pragma: no cover - peft without its bnb module
-        bnb = None
-    for name in ("Linear8bitLt", "Linear4bit"):
-        cls = getattr(bnb, name, None)
-        if isinstance(cls, type):
-            classes.append(cls)
-    try:
-        from peft.tuners.lora.torchao import TorchaoLoraLinear
-    except ImportError:  # pragma: no cover - peft without its torchao module
-        pass
-    else:
-        classes.append(TorchaoLoraLinear)
+    for module_name, names in (
+        ("peft.tuners.lora.bnb", ("Linear8bitLt", "Linear4bit")),
+        ("peft.tuners.lora.torchao", ("TorchaoLoraLinear",)),
+    ):
+        module = sys.modules.get(module_name)
+        for name in names:
+            cls = getattr(module, name, None)
+            if isinstance(cls, type):
+                classes.append(cls)
     return tuple(classes)
 
 
