@@ -13,6 +13,7 @@ A backend that is not installed skips with the reason; CI installs all of them (
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 import pytest
@@ -353,3 +354,19 @@ def test_unsupported_plain_layer_lists_the_supported_ones():
     layer = Conv1d(torch.nn.Conv1d(4, 4, 1), "e0", config=LoraConfig(r=2), r=2, lora_alpha=4)
     with pytest.raises(IncompatibleExpertError, match=r"'c' is a Conv1d, which X-LoRA does not mix\. Supported: lora"):
         wrap_lora_layer(layer, layer_index=0, expert_names=["e0"], routing=RoutingState(), module_name="c")
+
+
+def test_base_quantized_by_an_unsupported_backend_is_refused_before_it_is_touched(experts):
+    """PyTorch's own dynamic quantization: its Linear is no nn.Linear, and peft has no LoRA layer for it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = torch.ao.quantization.quantize_dynamic(base_model(), {torch.nn.Linear}, dtype=torch.qint8)
+    cfg = XLoraConfig(experts={"e0": str(experts[0])})
+    with pytest.raises(IncompatibleExpertError) as info:
+        XLoraModel.from_experts(base, cfg)
+    message = str(info.value)
+    assert re.search(
+        r"Expert 'e0' targets 'model\.layers\.\d\.\w+\.\w+_proj', a torch\.ao\.nn\.quantized\.dynamic", message
+    )
+    assert "which X-LoRA cannot mix. Supported: lora.Linear" in message and "lora.bnb.Linear8bitLt" in message
+    assert not any(type(m).__name__ == "XLoraLinear" or hasattr(m, "lora_A") for m in base.modules())

@@ -271,9 +271,13 @@ def check_expert_matches_model(expert: ResolvedExpert, model: nn.Module) -> None
             )
         io = _module_io(module)
         if io is None:
+            from .quantization import supported_layers_text
+
+            cls = type(module)
             raise IncompatibleExpertError(
-                f"Expert {expert.name!r} targets {module_name!r}, a {type(module).__name__}, which LoRA/X-LoRA "
-                "cannot adapt."
+                f"Expert {expert.name!r} targets {module_name!r}, a {cls.__module__}.{cls.__qualname__}, which "
+                f"X-LoRA cannot mix. Supported: {supported_layers_text()}. A base quantized another way: load it "
+                "with one of those quantizations, or unquantized."
             )
         kind, fan_in, fan_out = io
         expected = {"A": fan_in, "B": fan_out, "eA": fan_in, "eB": fan_out}[axis]
