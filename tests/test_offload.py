@@ -12,7 +12,7 @@ import torch
 import transformers as tf
 from factories import VOCAB, save_expert, tiny_llama
 
-from xlora_hub import XLoraConfig, XLoraModel
+from xlora_hub import InvalidConfigError, XLoraConfig, XLoraModel
 
 pytest.importorskip("accelerate", reason="accelerate is not installed (pip install 'xlora-hub[train]')")
 
@@ -47,8 +47,12 @@ def _randomize(model: XLoraModel) -> None:
             p.normal_(std=0.5, generator=torch.Generator().manual_seed(7))
 
 
-def test_disk_offloaded_base_equals_the_in_memory_one(setup, tmp_path):
+def test_disk_offloaded_base_equals_the_in_memory_one(setup, tmp_path, monkeypatch):
     root, experts = setup
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # peft writes re-keyed offloaded shards relative to it unless kept in the offload folder
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     in_memory = XLoraModel.from_experts(tf.AutoModelForCausalLM.from_pretrained(root / "base"), _config(experts))
     _randomize(in_memory)
     base = tf.AutoModelForCausalLM.from_pretrained(root / "base", device_map=DEVICE_MAP, offload_folder=tmp_path)
@@ -66,6 +70,21 @@ def test_disk_offloaded_base_equals_the_in_memory_one(setup, tmp_path):
         torch.testing.assert_close(offloaded(input_ids=ids).logits, in_memory(input_ids=ids).logits, atol=1e-5, rtol=0)
     kwargs = dict(max_new_tokens=5, do_sample=False)
     assert torch.equal(offloaded.generate(input_ids=ids, **kwargs), in_memory.generate(input_ids=ids, **kwargs))
+    # nothing was written outside the offload folder: not in the working directory, not over the base's files
+    assert list(cwd.iterdir()) == []
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
+    assert all(p.resolve().is_relative_to(tmp_path.resolve()) for p in tmp_path.rglob("*.safetensors"))
+
+
+def test_disk_offloaded_base_without_a_known_offload_folder_is_refused(setup, tmp_path):
+    root, experts = setup
+    base = tf.AutoModelForCausalLM.from_pretrained(root / "base", device_map=DEVICE_MAP, offload_folder=tmp_path)
+    for module in base.modules():  # a base whose hooks do not say where it was offloaded to
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if getattr(weights, "dataset", None) is not None:
+            weights.dataset.save_folder = None
+    with pytest.raises(InvalidConfigError, match="offloaded to disk but no offload folder is known; pass `offload_fo"):
+        XLoraModel.from_experts(base, _config(experts))
 
 
 def test_from_pretrained_passes_the_placement_to_transformers_and_peft(setup, tmp_path):

@@ -216,13 +216,16 @@ class XLoraModel(nn.Module):
         trainable = config.use_trainable_adapters
         peft_model = None
         try:
-            for i, expert in enumerate(resolved):
-                kwargs = dict(adapter_name=expert.name, is_trainable=trainable, autocast_adapter_dtype=False)
-                kwargs.update(offload or {})
-                if i == 0:
-                    peft_model = PeftModel.from_pretrained(base_model, str(expert.local_dir), **kwargs)
-                else:
-                    peft_model.load_adapter(str(expert.local_dir), **kwargs)
+            with _peft_writes_inside(offload) as stage:
+                for i, expert in enumerate(resolved):
+                    kwargs = dict(adapter_name=expert.name, is_trainable=trainable, autocast_adapter_dtype=False)
+                    kwargs.update(offload or {})
+                    if i == 0:
+                        peft_model = PeftModel.from_pretrained(base_model, str(expert.local_dir), **kwargs)
+                    else:
+                        peft_model.load_adapter(str(expert.local_dir), **kwargs)
+            if stage is not None:
+                _absolute_offload_paths(peft_model, stage)
             hf_model = peft_model.base_model.model
             dtype = torch.float32 if upcast_experts else compute_dtype(base_model)
             for module in hf_model.modules():
@@ -603,12 +606,55 @@ def _offload_kwargs(
             None,
         )
         offload_folder = getattr(offload_folder, "save_folder", None)
+    if offload_folder is None and "disk" in {str(v) for v in placement.values()}:
+        raise InvalidConfigError(
+            "The base model has layers offloaded to disk but no offload folder is known; pass `offload_folder=` "
+            "(the folder peft may write the offloaded layers with their experts to)."
+        )
     kwargs: dict[str, Any] = {"device_map": device_map}
     if max_memory is not None:
         kwargs["max_memory"] = max_memory
     if offload_folder is not None:
         kwargs["offload_folder"] = str(offload_folder)
     return kwargs
+
+
+@contextlib.contextmanager
+def _peft_writes_inside(offload: Mapping[str, Any] | None) -> Iterator[os.PathLike[str] | None]:
+    """Run peft's loading from a folder inside the offload folder, when it re-dispatches a disk-offloaded base.
+
+    peft rewrites each offloaded checkpoint shard with the experts' tensors to the shard's path with its
+    leading "/" dropped, i.e. relative to the working directory (from "/" it would overwrite the base's own
+    checkpoint). Started from ``<offload_folder>/peft-offload`` its writes stay in the offload folder. The
+    working directory is the process's: do not load models from other threads meanwhile.
+    """
+    folder = (offload or {}).get("offload_folder")
+    if folder is None:
+        yield None
+        return
+    from pathlib import Path
+
+    stage = Path(folder).resolve() / "peft-offload"
+    stage.mkdir(parents=True, exist_ok=True)
+    previous = os.getcwd()
+    os.chdir(stage)
+    try:
+        yield stage
+    finally:
+        os.chdir(previous)
+
+
+def _absolute_offload_paths(model: nn.Module, stage: os.PathLike[str]) -> None:
+    """Make the shard paths peft recorded relative to ``stage`` (see :func:`_peft_writes_inside`) absolute."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for single in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            weights = getattr(single, "weights_map", None)
+            index = getattr(getattr(weights, "dataset", weights), "index", None)
+            for info in (index or {}).values():
+                path = info.get("safetensors_file") if isinstance(info, dict) else None
+                if path and not os.path.isabs(path):
+                    info["safetensors_file"] = os.path.join(os.fspath(stage), path)
 
 
 def _hidden_state_device(model: nn.Module) -> torch.device:
