@@ -10,6 +10,10 @@ both give the same prefill logits and the same greedy tokens. Then it prints one
 * ``sweep``:    the prefill forward at each ``--sweep-experts`` count.
 * ``memory``:   peak memory of each model and phase, each measured in a fresh subprocess.
 * ``profile``:  (not in the default run) where xlora-hub's prefill and decode steps spend their time.
+* ``quantized``: with ``--quantize`` (added to the run): the base quantized by transformers
+  (bitsandbytes nf4 / int8, torchao int8 weight-only) against xlora-hub over that same quantized base:
+  weight memory, peak memory (CUDA), prefill time and greedy tokens/s. peft's X-LoRA is not in this
+  table: it cannot run on a bitsandbytes base.
 
 Times are medians over ``--repeats`` after one warm-up call. Run ``--help`` for the flags;
 ``--quick`` runs the smallest sizes (the smoke test uses it).
@@ -36,7 +40,8 @@ from typing import Any
 import torch
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SECTIONS = ("prefill", "generate", "sweep", "memory", "profile")
+SECTIONS = ("prefill", "generate", "sweep", "memory", "profile", "quantized")
+QUANTIZE = ("none", "bnb-nf4", "bnb-int8", "torchao-int8")
 DEFAULT_SECTIONS = ("prefill", "generate", "sweep", "memory")
 QUICK = dict(
     hidden=64,
@@ -127,6 +132,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     g.add_argument("--upcast-experts", action="store_true", help="keep experts in float32 (upcast_experts=True)")
+    g.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default="none",
+        help="also time and measure the base quantized this way against xlora-hub on it (section 'quantized')",
+    )
     g.add_argument("--workdir", default=None, help="where experts are saved (default: a temp folder)")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)  # internal: "model:phase,..."
     args = p.parse_args(argv)
@@ -146,6 +157,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.sections = list(DEFAULT_SECTIONS)
     if args.profile and "profile" not in args.sections:
         args.sections.append("profile")
+    if args.quantize != "none" and "quantized" not in args.sections:
+        args.sections.append("quantized")
+    if "quantized" in args.sections and args.quantize == "none":
+        p.error("the 'quantized' section needs --quantize bnb-nf4, bnb-int8 or torchao-int8")
     args.torch_dtype = getattr(torch, args.dtype)
     args.new_tokens = sorted(set(args.new_tokens))
     return args
@@ -737,6 +752,126 @@ def _decoder(model: torch.nn.Module, cache: Any, inputs: dict[str, torch.Tensor]
     return step
 
 
+# ---------------------------------------------------------------------------------------------- quantized
+def quantization_config(args: argparse.Namespace) -> Any:
+    """transformers' quantization config for ``--quantize`` (compute dtype: ``--dtype``)."""
+    import transformers as tf
+
+    if args.quantize == "bnb-nf4":
+        return tf.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=args.torch_dtype
+        )
+    if args.quantize == "bnb-int8":
+        return tf.BitsAndBytesConfig(load_in_8bit=True)
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return tf.TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+
+
+def make_quantized_base(args: argparse.Namespace) -> torch.nn.Module:
+    """The benchmark's base (same seed), saved once and loaded back quantized by transformers, as users load one."""
+    import transformers as tf
+
+    folder = Path(args.workdir) / "base_model"
+    if not (folder / "config.json").is_file():
+        make_base(argparse.Namespace(**{**vars(args), "device": "cpu", "torch_dtype": torch.float32})).save_pretrained(
+            folder
+        )
+    model = tf.AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quantization_config(args), dtype=args.torch_dtype, device_map=args.device
+    ).eval()
+    model.generation_config.use_cache = True
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def storage_mib(module: torch.nn.Module) -> float:
+    """Bytes held by parameters and buffers, quantized ones by their real storage (tensor subclasses flattened)."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        flatten = getattr(t, "__tensor_flatten__", None)
+        if flatten is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            names, _ = flatten()
+            return sum(nbytes(getattr(t, name)) for name in names)
+        return t.numel() * t.element_size()
+
+    return sum(nbytes(t) for t in list(module.parameters()) + list(module.buffers())) / 2**20
+
+
+def section_quantized(args: argparse.Namespace, dirs: list[Path], inputs: dict[str, torch.Tensor]) -> None:
+    """Quantized base against xlora-hub on it: memory, prefill time and tokens/s, timed interleaved."""
+    from xlora_hub import XLoraConfig, XLoraModel
+
+    cuda = str(args.device).startswith("cuda")
+    peaks: dict[str, float] = {}
+    models: dict[str, torch.nn.Module] = {}
+    for name in ("base", "ours"):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        model = make_quantized_base(args)
+        if name == "ours":
+            config = XLoraConfig(experts={f"expert_{i}": str(d) for i, d in enumerate(dirs)}, hidden_size=args.hidden)
+            model = XLoraModel.from_experts(model, config, upcast_experts=args.upcast_experts).eval()
+            model.generation_config.use_cache = True
+        generate_fn(name, model, inputs, args.new_tokens[0])()  # warm-up, and the peak of a first generation
+        if cuda:
+            torch.cuda.synchronize()
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**20
+        models[name] = model
+    with torch.no_grad():
+        ours_logits = models["ours"](**inputs).logits.float()
+        with models["ours"].disable_adapter():
+            base_logits = models["ours"](**inputs).logits.float()
+    quantization = (
+        models["ours"].xlora_config.base_model.quantization if models["ours"].xlora_config.base_model else None
+    )
+    prefill = timed(
+        {name: Job(forward_fn(name, m, inputs), args.prefill_repeats) for name, m in models.items()}, device=args.device
+    )
+    rows = []
+    for n in args.new_tokens:
+        gen = timed(
+            {name: Job(generate_fn(name, m, inputs, n), args.repeats) for name, m in models.items()}, device=args.device
+        )
+        for name, label in (("base", f"{args.quantize} base model"), ("ours", f"xlora-hub on {args.quantize}")):
+            weights = storage_mib(models[name])
+            tps = args.batch * n / gen[name][0]
+            rows.append(
+                [
+                    label,
+                    n,
+                    weights,
+                    peaks.get(name),
+                    prefill[name][0] * 1e3,
+                    prefill[name][0] / prefill["base"][0],
+                    tps,
+                    gen["base"][0] / gen[name][0],
+                ]
+            )
+    full = storage_mib(make_base(args))
+    print_table(
+        f"Quantized base ({args.quantize}, recorded as {quantization!r}; {len(dirs)} experts, "
+        f"{args.batch}x{args.prompt_len}-token prompt)",
+        [
+            "model",
+            "new tokens",
+            "weights MiB",
+            "peak allocated MiB",
+            "prefill ms",
+            "prefill x base",
+            "tokens/s",
+            "x base tokens/s",
+        ],
+        rows,
+        [
+            f"full-precision ({args.dtype}) base weights: {full:.2f} MiB. Peak allocated: CUDA only "
+            "(torch.cuda.max_memory_allocated over building the model and its first generation). "
+            f"xlora-hub's experts change the logits by up to {(ours_logits - base_logits).abs().max().item():.2e}."
+        ],
+    )
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -787,6 +922,8 @@ def main(argv: list[str] | None = None) -> int:
             section_memory(args)
         if "profile" in args.sections:
             section_profile(args, models, inputs)
+        if "quantized" in args.sections:
+            section_quantized(args, dirs[: args.experts], inputs)
     print(f"\ntotal time: {time.perf_counter() - started:.0f} s | load avg 1/5/15 min at the end {_load()}")
     print(
         "(a load average above the thread count means other processes shared the cores: absolute times are then "

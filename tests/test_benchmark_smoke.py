@@ -41,3 +41,24 @@ def test_benchmark_quick_prints_every_table(tmp_path):
         "4",
     ]
     assert "time/FLOP ratio" in out and "x peft tokens/s" in out
+
+
+def test_benchmark_quantized_section_runs_on_a_bitsandbytes_base(tmp_path):
+    import pytest
+
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'xlora-hub[quant]')")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--quantize", "bnb-nf4", "--sections", "quantized"]
+        + ["--workdir", str(tmp_path), "--threads", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    table = proc.stdout.split("### Quantized base (bnb-nf4, recorded as 'bitsandbytes-nf4'")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "new tokens" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["bnb-nf4 base model", "xlora-hub on bnb-nf4"] * 2
+    assert "### Prefill forward" not in proc.stdout  # only the asked section ran

@@ -229,10 +229,16 @@ class ExpertRef:
 
 @dataclass(frozen=True)
 class BaseModelRef:
-    """The base model a mixture was built on (Hub repo id or local path, plus the commit it was loaded at)."""
+    """The base model a mixture was built on (Hub repo id or local path, plus the commit it was loaded at).
+
+    ``quantization`` says how that base was quantized when the mixture was saved (``"bitsandbytes-nf4"``,
+    ``"torchao-Int8WeightOnlyConfig"``...; absent when it was not). It is information only: the mixture loads on
+    the same base quantized another way or not at all.
+    """
 
     repo_id: str
     revision: str | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.repo_id, str) or not self.repo_id:
@@ -242,6 +248,10 @@ class BaseModelRef:
         if self.revision is not None and (not isinstance(self.revision, str) or not self.revision):
             raise InvalidConfigError(
                 f"`base_model.revision` must be a non-empty string, got {short_repr(self.revision)}."
+            )
+        if self.quantization is not None and (not isinstance(self.quantization, str) or not self.quantization):
+            raise InvalidConfigError(
+                f"`base_model.quantization` must be a non-empty string or absent, got {short_repr(self.quantization)}."
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -482,9 +482,13 @@ def _check_factors(
     """One module's factors: both A and B, the configured rank, and the module's input/output sizes."""
     io = _module_io(module)
     if io is None:
+        from .quantization import supported_layers_text
+
+        cls = type(module)
         raise IncompatibleExpertError(
-            f"Expert {expert.name!r} targets {module_name!r}, a {type(module).__name__}, which LoRA/X-LoRA "
-            "cannot adapt."
+            f"Expert {expert.name!r} targets {module_name!r}, a {cls.__module__}.{cls.__qualname__}, which "
+            f"X-LoRA cannot mix. Supported: {supported_layers_text()}. A base quantized another way: load it "
+            "with one of those quantizations, or unquantized."
         )
     pair = ("eA", "eB") if "eA" in factors or "eB" in factors else ("A", "B")
     names = {"A": "lora_A", "B": "lora_B", "eA": "lora_embedding_A", "eB": "lora_embedding_B"}

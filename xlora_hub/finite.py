@@ -17,6 +17,8 @@ from .errors import InvalidMixtureError
 def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     """The name of the first floating-point tensor holding a NaN or an infinity, or ``None``."""
     for name, tensor in tensors:
+        if tensor.is_meta:  # an offloaded weight holds no values here, so it cannot be checked
+            continue
         if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
             return name
     return None

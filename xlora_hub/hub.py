@@ -307,8 +307,12 @@ def load_base_model(
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     torch_dtype: torch.dtype | None = None,
+    **placement: Any,
 ):
-    """Load the base model a mixture names, at its recorded revision, with the class its config names."""
+    """Load the base model a mixture names, at its recorded revision, with the class its config names.
+
+    ``placement``: ``device_map``, ``max_memory``, ``offload_folder``, ``quantization_config``, passed to
+    transformers' ``from_pretrained`` when set."""
     import transformers
 
     kwargs: dict[str, Any] = dict(
@@ -317,6 +321,7 @@ def load_base_model(
     auto_config = transformers.AutoConfig.from_pretrained(ref.repo_id, **kwargs)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    kwargs.update({k: v for k, v in placement.items() if v is not None})
     return _model_class(auto_config).from_pretrained(ref.repo_id, config=auto_config, **kwargs).eval()
 
 
@@ -382,12 +387,19 @@ def load_mixture(
     force_download: bool = False,
     torch_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    quantization_config: Any = None,
 ) -> XLoraModel:
     """Load a saved mixture (folder or Hub repo) with its experts and, unless given, its base model.
 
     Checked before anything is built: the config (format version, types, bounds, paths inside the mixture), the
     classifier's shapes against the config and its values (finite); then, while building, each expert against the base model and
     the layer names against the wrapped model.
+
+    ``device_map``, ``max_memory``, ``offload_folder`` and ``quantization_config`` go to transformers when it
+    loads the base model (and the first three to peft, which places the experts with it).
     """
     from .model import XLoraModel
 
@@ -416,6 +428,10 @@ def load_mixture(
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
                 torch_dtype=torch_dtype,
+                device_map=device_map,
+                max_memory=max_memory,
+                offload_folder=offload_folder,
+                quantization_config=quantization_config,
             )
     with clear_connection_errors(f"Mixture {source.label}: experts {source.config.expert_names}", token=token):
         model = XLoraModel.from_experts(
@@ -428,6 +444,8 @@ def load_mixture(
             local_files_only=local_files_only,
             force_download=force_download,
             base_dir=source.folder,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
         )
     model.classifier.load_state_dict(state, strict=True)
     setattr(model, _BUNDLED_ATTR, frozenset(name for name, ref in source.config.experts.items() if not ref.is_hub))
@@ -473,7 +491,7 @@ def _pin_base_model(ref: BaseModelRef | None, api: Any) -> BaseModelRef | None:
         why = redact(" ".join(str(err).split()), [getattr(api, "token", None)])
         logger.warning("Could not pin base model %r to a commit (%s); it stays unpinned.", ref.repo_id, why)
         return ref
-    return BaseModelRef(repo_id=ref.repo_id, revision=sha) if sha else ref
+    return BaseModelRef(repo_id=ref.repo_id, revision=sha, quantization=ref.quantization) if sha else ref
 
 
 def expert_repo_id(repo_id: str, name: str) -> str:

@@ -21,8 +21,14 @@ from peft.tuners import lora
 from torch import nn
 
 from .errors import IncompatibleExpertError
+from .quantization import quantized_linear_lora_classes, supported_layers_text, unsupported_quantized_backend
 
 SUPPORTED_LORA_LAYERS = (lora.Linear, lora.Embedding, lora.Conv2d)
+
+
+def supported_lora_layers() -> tuple[type, ...]:
+    """Every peft LoRA layer class X-LoRA mixes: :data:`SUPPORTED_LORA_LAYERS` and the quantized Linears installed."""
+    return SUPPORTED_LORA_LAYERS + quantized_linear_lora_classes()
 
 
 class RoutingState:
@@ -131,6 +137,10 @@ class XLoraLayer(nn.Module):
     def refresh(self) -> None:
         """Re-read the expert tensors (after their parameters were replaced, e.g. ``load_state_dict(assign=True)``)."""
         self._sources = self._source_tensors() if self.local_experts else []
+        # Offloaded by accelerate (``device_map`` with "disk", or "cpu" beside an accelerator): the weights are
+        # meta tensors that its hooks swap for real ones during each forward, so only the per-expert path,
+        # which calls the expert modules, sees them on the execution device.
+        self._offloaded = any(t.is_meta for t in self._sources)
         self._stack = _StackCache()
 
     # -- helpers ----------------------------------------------------------------------------
@@ -156,33 +166,40 @@ class XLoraLayer(nn.Module):
         return self._stack.tensors
 
     def _use_loop(self) -> bool:
-        """Per-expert path: when experts train (gradients must reach their own weights) or dropout is live."""
+        """Per-expert path: when experts train (gradients must reach their own weights), dropout is live, or the
+        experts are offloaded."""
+        if self._offloaded:
+            return True
         if torch.is_grad_enabled() and any(t.requires_grad for t in self._sources):
             return True
         return self.training and self._has_dropout
 
-    def _layer_scalings(self, dtype: torch.dtype) -> tuple[int, torch.Tensor]:
-        """``[b, s, n_experts]`` scalings of this layer (top-k and global weight folded in)."""
+    def _layer_scalings(self, dtype: torch.dtype, device: torch.device | None = None) -> tuple[int, torch.Tensor]:
+        """``[b, s, n_experts]`` scalings of this layer (top-k and global weight folded in), on ``device``."""
         scalings = self.routing.scalings
         index = self.layer_index if scalings.shape[2] > 1 else 0
         layer = scalings[:, :, index, :]
-        return index, layer if layer.dtype == dtype else layer.to(dtype)
+        device = layer.device if device is None else device
+        return index, layer if (layer.dtype, layer.device) == (dtype, device) else layer.to(device=device, dtype=dtype)
 
-    def _column_multiplier(self, dtype: torch.dtype, *, with_lora_scale: bool) -> torch.Tensor:
+    def _column_multiplier(
+        self, dtype: torch.dtype, *, with_lora_scale: bool, device: torch.device | None = None
+    ) -> torch.Tensor:
         """``[b, s, sum_r]``: the per-token scaling of each rank column.
 
         The stacked path folds alpha/r into A, so its multiplier is the routing alone and is shared
-        by every layer with the same experts and ranks in this pass.
+        by every layer with the same experts and ranks in this pass. ``device``: where the layer computes
+        (layers of a model split across devices by ``device_map`` get the scalings on their own).
         """
         routing = self.routing
         index = self.layer_index if routing.scalings.shape[2] > 1 else 0
-        key = (index, self._pattern_id, dtype)
+        key = (index, self._pattern_id, dtype, device)
         if not with_lora_scale and key in routing.multipliers:
             return routing.multipliers[key]
-        _, scalings = self._layer_scalings(dtype)
-        multiplier = scalings.index_select(-1, self.col_expert)
+        _, scalings = self._layer_scalings(dtype, device)
+        multiplier = scalings.index_select(-1, self.col_expert.to(scalings.device))
         if with_lora_scale:
-            return multiplier * self.col_scale.to(dtype)
+            return multiplier * self.col_scale.to(device=multiplier.device, dtype=dtype)
         routing.multipliers[key] = multiplier
         return multiplier
 
@@ -225,7 +242,9 @@ def _tokens_view(multiplier: torch.Tensor, x: torch.Tensor, module_name: str) ->
 
 
 class XLoraLinear(XLoraLayer):
-    """X-LoRA over a peft ``lora.Linear`` (also GPT-2's ``Conv1D`` base layers)."""
+    """X-LoRA over a peft ``lora.Linear`` (also GPT-2's ``Conv1D`` base layers) and peft's LoRA layers over
+    quantized Linears (bitsandbytes 4/8-bit, torchao, optimum-quanto): their forward too is ``base_layer(x)``
+    plus the LoRA delta, and the quantized base layer is only called, never read or cast."""
 
     def _source_tensors(self) -> list[torch.Tensor]:
         layer = self.lora_layer
@@ -237,7 +256,7 @@ class XLoraLinear(XLoraLayer):
         # stored transposed and contiguous, [in, R] and [R, out], for plain mm / addmm
         layer = self.lora_layer
         a = torch.cat([layer.lora_A[n].weight for n in self.local_experts], dim=0)
-        a = a * self.col_scale.to(a.dtype)[:, None]
+        a = a * self.col_scale.to(device=a.device, dtype=a.dtype)[:, None]
         b = torch.cat([layer.lora_B[n].weight for n in self.local_experts], dim=1)
         return a.t().contiguous(), b.t().contiguous()
 
@@ -251,7 +270,9 @@ class XLoraLinear(XLoraLayer):
             return result + self._loop_delta(xe).to(result.dtype)
         a_t, b_t = self._stacked()
         rank = a_t.shape[1]
-        multiplier = _tokens_view(self._column_multiplier(dtype, with_lora_scale=False), xe, self.module_name)
+        multiplier = _tokens_view(
+            self._column_multiplier(dtype, with_lora_scale=False, device=xe.device), xe, self.module_name
+        )
         h = torch.mm(xe.reshape(-1, xe.shape[-1]), a_t)
         if multiplier.shape[:-1] != xe.shape[:-1]:
             multiplier = multiplier.expand(*xe.shape[:-1], rank)
@@ -265,7 +286,9 @@ class XLoraLinear(XLoraLayer):
     def _loop_delta(self, xe: torch.Tensor) -> torch.Tensor:
         """peft's per-expert loop: used when experts train or LoRA dropout is live."""
         layer = self.lora_layer
-        multiplier = _tokens_view(self._column_multiplier(xe.dtype, with_lora_scale=True), xe, self.module_name)
+        multiplier = _tokens_view(
+            self._column_multiplier(xe.dtype, with_lora_scale=True, device=xe.device), xe, self.module_name
+        )
         delta = None
         start = 0
         for name in self.local_experts:
@@ -293,20 +316,20 @@ class XLoraEmbedding(XLoraLayer):
         layer = self.lora_layer
         a_t = torch.cat([layer.lora_embedding_A[n].T for n in self.local_experts], dim=1)  # [num_emb, R]
         b_t = torch.cat([layer.lora_embedding_B[n].T for n in self.local_experts], dim=0)  # [R, out]
-        return a_t * self.col_scale.to(a_t.dtype), b_t
+        return a_t * self.col_scale.to(device=a_t.device, dtype=a_t.dtype), b_t
 
     def _build_stack(self) -> tuple[torch.Tensor, ...]:
         return self._factors()
 
     def _use_loop(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in self._sources)
+        return self._offloaded or (torch.is_grad_enabled() and any(t.requires_grad for t in self._sources))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.routing.scalings is None or not self.local_experts:
             return result
         layer = self.lora_layer
-        multiplier = self._column_multiplier(self._sources[0].dtype, with_lora_scale=False)
+        multiplier = self._column_multiplier(self._sources[0].dtype, with_lora_scale=False, device=result.device)
         if x.dim() == 1:
             multiplier = multiplier.reshape(-1, multiplier.shape[-1])
         # trainable experts: concatenate with autograd so gradients reach each expert's own tensors
@@ -330,7 +353,7 @@ class XLoraConv2d(XLoraLayer):
     def _build_stack(self) -> tuple[torch.Tensor, ...]:
         layer = self.lora_layer
         a = torch.cat([layer.lora_A[n].weight for n in self.local_experts], dim=0)
-        a = a * self.col_scale.to(a.dtype)[:, None, None, None]
+        a = a * self.col_scale.to(device=a.device, dtype=a.dtype)[:, None, None, None]
         b = torch.cat([layer.lora_B[n].weight for n in self.local_experts], dim=1)
         return a, b
 
@@ -345,7 +368,7 @@ class XLoraConv2d(XLoraLayer):
         first_a = layer.lora_A[self.local_experts[0]]
         dtype = first_a.weight.dtype
         loop = self._use_loop()
-        multiplier = self._column_multiplier(dtype, with_lora_scale=loop)  # [b, s, R]
+        multiplier = self._column_multiplier(dtype, with_lora_scale=loop, device=x.device)  # [b, s, R]
         if multiplier.shape[1] != 1:
             raise RuntimeError(
                 f"X-LoRA Conv2d layer {self.module_name!r} needs one scaling vector per sample, got scalings for "
@@ -373,15 +396,29 @@ def wrap_lora_layer(
     lora_layer: nn.Module, *, layer_index: int, expert_names: list[str], routing: RoutingState, module_name: str
 ) -> XLoraLayer:
     """Pick the X-LoRA wrapper for a peft LoRA layer (exact types: subclasses may change semantics)."""
-    if type(lora_layer) is lora.Linear:
-        cls: type[XLoraLayer] = XLoraLinear
-    elif type(lora_layer) is lora.Embedding:
-        cls = XLoraEmbedding
+    if type(lora_layer) is lora.Embedding:
+        cls: type[XLoraLayer] = XLoraEmbedding
     elif type(lora_layer) is lora.Conv2d:
         cls = XLoraConv2d
+    elif type(lora_layer) is lora.Linear or type(lora_layer) in quantized_linear_lora_classes():
+        cls = XLoraLinear
     else:
-        raise IncompatibleExpertError(
-            f"Module {module_name!r} is a {type(lora_layer).__name__}; X-LoRA supports LoRA on Linear, Conv1D, "
-            "Embedding and Conv2d layers. Retrain the expert without this module in `target_modules`."
-        )
+        raise IncompatibleExpertError(_unsupported_layer_message(lora_layer, module_name))
     return cls(lora_layer, layer_index=layer_index, expert_names=expert_names, routing=routing, module_name=module_name)
+
+
+def _unsupported_layer_message(lora_layer: nn.Module, module_name: str) -> str:
+    """Why a peft layer cannot be mixed and what to do: a quantized backend is a loading choice, not the expert's."""
+    name = type(lora_layer).__name__
+    supported = supported_layers_text()
+    backend = unsupported_quantized_backend(lora_layer)
+    if backend is not None:
+        return (
+            f"Module {module_name!r} is a {name} (peft's LoRA over a {backend}-quantized layer), which X-LoRA does not "
+            f"mix. Supported: {supported}. Load the base model with one of those quantizations (for example "
+            "`BitsAndBytesConfig(load_in_4bit=True)`) or unquantized; the experts need no change."
+        )
+    return (
+        f"Module {module_name!r} is a {name}, which X-LoRA does not mix. Supported: {supported}. "
+        "Retrain the expert without this module in `target_modules`."
+    )

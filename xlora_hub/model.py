@@ -16,6 +16,7 @@ Hub.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -31,7 +32,8 @@ from .config import BaseModelRef, ExpertRef, XLoraConfig
 from .errors import IncompatibleExpertError, InvalidConfigError, InvalidMixtureError
 from .experts import ResolvedExpert, cached_commit_sha, check_expert_matches_model, resolve_expert
 from .finite import first_non_finite
-from .layers import SUPPORTED_LORA_LAYERS, RoutingState, XLoraLayer, wrap_lora_layer
+from .layers import RoutingState, XLoraLayer, supported_lora_layers, wrap_lora_layer
+from .quantization import compute_dtype, describe_quantization, is_quantized_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -130,15 +132,16 @@ class XLoraModel(nn.Module):
         if xlora_config.layer_names is not None and xlora_config.layer_names != layer_names:
             raise InvalidMixtureError(_layer_mismatch_message(xlora_config.layer_names, layer_names))
         hidden_size = _check_hidden_size(model, xlora_config)
-        self.xlora_config = xlora_config.replace(layer_names=layer_names, hidden_size=hidden_size)
-        param = next(model.parameters())
+        self.xlora_config = xlora_config.replace(
+            layer_names=layer_names, hidden_size=hidden_size, base_model=_with_quantization(xlora_config, model)
+        )
         self.classifier = XLoraClassifier(
             self.xlora_config,
             hidden_size=hidden_size,
             n_layers=len(self.xlora_layers),
             n_experts=len(names),
-            dtype=param.dtype if param.is_floating_point() else None,
-            device=param.device,
+            dtype=compute_dtype(model),
+            device=_hidden_state_device(model),
         )
         self._apply_trainability()
         self.eval()
@@ -158,6 +161,9 @@ class XLoraModel(nn.Module):
         force_download: bool = False,
         base_dir: str | os.PathLike[str] | None = None,
         upcast_experts: bool = False,
+        device_map: str | dict[str, Any] | None = None,
+        max_memory: dict[Any, Any] | None = None,
+        offload_folder: str | os.PathLike[str] | None = None,
     ) -> XLoraModel:
         """A new mixture with an untrained classifier, from a base model and the experts named in ``config``.
 
@@ -166,6 +172,10 @@ class XLoraModel(nn.Module):
         Every expert is checked (plain LoRA, target modules and sizes that fit the base model) before
         the base model is modified. Experts are kept in the base model's dtype unless
         ``upcast_experts=True`` (float32).
+
+        A base placed by accelerate (loaded with ``device_map``, some layers offloaded to "cpu" or "disk")
+        keeps its placement: peft re-dispatches it with the experts using ``device_map`` (default: the base's
+        own ``hf_device_map``), ``max_memory`` and ``offload_folder`` (default: the folder it was offloaded to).
         """
         if not isinstance(config, XLoraConfig):
             config = XLoraConfig(**dict(config))
@@ -186,32 +196,44 @@ class XLoraModel(nn.Module):
         _check_hidden_size(base_model, config)
         for expert in resolved:  # the adapter config, then its tensors' header against it and the model
             check_expert_matches_model(expert, base_model)
-        if device is not None or torch_dtype is not None:
-            base_model.to(device=device, dtype=torch_dtype)
-        return cls._build(base_model, config, resolved, upcast_experts=upcast_experts)
+        _move_base_model(base_model, device=device, torch_dtype=torch_dtype)
+        offload = _offload_kwargs(
+            base_model, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder
+        )
+        return cls._build(base_model, config, resolved, upcast_experts=upcast_experts, offload=offload)
 
     @classmethod
     def _build(
-        cls, base_model: nn.Module, config: XLoraConfig, resolved: list[ResolvedExpert], *, upcast_experts: bool
+        cls,
+        base_model: nn.Module,
+        config: XLoraConfig,
+        resolved: list[ResolvedExpert],
+        *,
+        upcast_experts: bool,
+        offload: Mapping[str, Any] | None = None,
     ) -> XLoraModel:
         from peft import PeftModel
 
         trainable = config.use_trainable_adapters
         peft_model = None
         try:
-            for i, expert in enumerate(resolved):
-                kwargs = dict(adapter_name=expert.name, is_trainable=trainable, autocast_adapter_dtype=False)
-                if i == 0:
-                    peft_model = PeftModel.from_pretrained(base_model, str(expert.local_dir), **kwargs)
-                else:
-                    peft_model.load_adapter(str(expert.local_dir), **kwargs)
+            with _peft_writes_inside(offload) as stage:
+                for i, expert in enumerate(resolved):
+                    kwargs = dict(adapter_name=expert.name, is_trainable=trainable, autocast_adapter_dtype=False)
+                    kwargs.update(offload or {})
+                    if i == 0:
+                        peft_model = PeftModel.from_pretrained(base_model, str(expert.local_dir), **kwargs)
+                    else:
+                        peft_model.load_adapter(str(expert.local_dir), **kwargs)
+            if stage is not None:
+                _absolute_offload_paths(peft_model, stage)
             hf_model = peft_model.base_model.model
-            dtype = torch.float32 if upcast_experts else next(base_model.parameters()).dtype
+            dtype = torch.float32 if upcast_experts else compute_dtype(base_model)
             for module_name, module in hf_model.named_modules():
-                if isinstance(module, SUPPORTED_LORA_LAYERS):
+                if isinstance(module, supported_lora_layers()):
                     _check_expert_factors_finite(module_name, module)
                     for name, param in module.named_parameters():
-                        if "lora_" in name and param.is_floating_point() and param.dtype != dtype:
+                        if "lora_" in name and not is_quantized_tensor(param) and param.dtype != dtype:
                             param.data = param.data.to(dtype)
             return cls(hf_model, config, experts=resolved, peft_model=peft_model)
         except Exception:
@@ -299,7 +321,7 @@ class XLoraModel(nn.Module):
             return None  # exactly the base model: no expert math at all
         n_layers = self.n_layers if self.xlora_config.layerwise_scalings else 1
         dummy = torch.full((1, 1, n_layers, self.n_experts), value, dtype=self.classifier.last_layer.weight.dtype)
-        return self._process_scalings(dummy.to(self.device))
+        return self._process_scalings(dummy.to(self.classifier.last_layer.weight.device))
 
     def _last_hidden_state(self, model_kwargs: dict[str, Any], cache: XLoraCache | None) -> torch.Tensor:
         kwargs = {k: v for k, v in model_kwargs.items() if k not in _REAL_PASS_ONLY}
@@ -337,7 +359,7 @@ class XLoraModel(nn.Module):
     def compute_scalings(self, model_kwargs: dict[str, Any], cache: XLoraCache | None = None) -> torch.Tensor:
         """Run the scaling pass and the classifier: scalings ``[batch, seq, n_layers, n_experts]``."""
         hidden = self._last_hidden_state(model_kwargs, cache)
-        scalings = self.classifier(hidden)
+        scalings = self.classifier(hidden.to(self.classifier.last_layer.weight.device))
         self._latest_scalings = scalings
         if self._scalings_logging:
             self._scalings_log.append(scalings.detach())
@@ -578,6 +600,123 @@ def _check_expert_factors_finite(module_name: str, module: nn.Module) -> None:
             "output NaN. Its adapter_model.safetensors is corrupt or comes from a diverged training run; use a good "
             "copy (`force_download=True`) or retrain the expert."
         )
+
+
+def _with_quantization(config: XLoraConfig, model: nn.Module) -> BaseModelRef | None:
+    """The config's base model ref recording how this base is quantized (information only: nothing reads it back)."""
+    ref = config.base_model
+    if ref is None:
+        return None
+    quantization = describe_quantization(model)
+    return ref if ref.quantization == quantization else dataclasses.replace(ref, quantization=quantization)
+
+
+def _offload_kwargs(
+    model: nn.Module,
+    *,
+    device_map: str | dict[str, Any] | None,
+    max_memory: dict[Any, Any] | None,
+    offload_folder: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
+    """peft's loading arguments for a base accelerate placed with offloaded layers (nothing for other bases).
+
+    peft re-dispatches such a base with each adapter; without its map and offload folder it moves the
+    offloaded (meta) weights and fails ("Cannot copy out of meta tensor").
+    """
+    placement = getattr(model, "hf_device_map", None)
+    if not placement or not {"cpu", "disk"} & {str(v) for v in placement.values()}:
+        return {}
+    if device_map is None:  # peft dispatches the PeftModel, whose modules sit under "base_model.model."
+        device_map = {f"base_model.model.{name}" if name else "base_model.model": d for name, d in placement.items()}
+    if offload_folder is None:
+        offload_folder = next(
+            (
+                getattr(getattr(module._hf_hook, "weights_map", None), "dataset", None)
+                for module in model.modules()
+                if getattr(getattr(getattr(module, "_hf_hook", None), "weights_map", None), "dataset", None)
+            ),
+            None,
+        )
+        offload_folder = getattr(offload_folder, "save_folder", None)
+    if offload_folder is None and "disk" in {str(v) for v in placement.values()}:
+        raise InvalidConfigError(
+            "The base model has layers offloaded to disk but no offload folder is known; pass `offload_folder=` "
+            "(the folder peft may write the offloaded layers with their experts to)."
+        )
+    kwargs: dict[str, Any] = {"device_map": device_map}
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
+    return kwargs
+
+
+@contextlib.contextmanager
+def _peft_writes_inside(offload: Mapping[str, Any] | None) -> Iterator[os.PathLike[str] | None]:
+    """Run peft's loading from a folder inside the offload folder, when it re-dispatches a disk-offloaded base.
+
+    peft rewrites each offloaded checkpoint shard with the experts' tensors to the shard's path with its
+    leading "/" dropped, i.e. relative to the working directory (from "/" it would overwrite the base's own
+    checkpoint). Started from ``<offload_folder>/peft-offload`` its writes stay in the offload folder. The
+    working directory is the process's: do not load models from other threads meanwhile.
+    """
+    folder = (offload or {}).get("offload_folder")
+    if folder is None:
+        yield None
+        return
+    from pathlib import Path
+
+    stage = Path(folder).resolve() / "peft-offload"
+    stage.mkdir(parents=True, exist_ok=True)
+    previous = os.getcwd()
+    os.chdir(stage)
+    try:
+        yield stage
+    finally:
+        os.chdir(previous)
+
+
+def _absolute_offload_paths(model: nn.Module, stage: os.PathLike[str]) -> None:
+    """Make the shard paths peft recorded relative to ``stage`` (see :func:`_peft_writes_inside`) absolute."""
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for single in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            weights = getattr(single, "weights_map", None)
+            index = getattr(getattr(weights, "dataset", weights), "index", None)
+            for info in (index or {}).values():
+                path = info.get("safetensors_file") if isinstance(info, dict) else None
+                if path and not os.path.isabs(path):
+                    info["safetensors_file"] = os.path.join(os.fspath(stage), path)
+
+
+def _hidden_state_device(model: nn.Module) -> torch.device:
+    """Where the last hidden state comes out, for the classifier: the execution device of the layer reading it
+    (the output embeddings) under accelerate, else the device of the first real (not offloaded) weight."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hook = getattr(head, "_hf_hook", None) if head is not None else None
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    for param in model.parameters():
+        if not param.is_meta:
+            return param.device
+    return torch.device("cpu")
+
+
+def _move_base_model(model: nn.Module, *, device: torch.device | str | None, torch_dtype: torch.dtype | None) -> None:
+    """``model.to(device, dtype)`` for the arguments given; a quantized base is never cast to another dtype."""
+    if torch_dtype is not None and describe_quantization(model) is not None:
+        if torch_dtype == compute_dtype(model):
+            torch_dtype = None
+        else:
+            raise InvalidConfigError(
+                f"The base model is quantized ({describe_quantization(model)}) and cannot be cast to {torch_dtype}: "
+                "choose its compute dtype when loading it (`dtype=` in transformers' `from_pretrained`, or "
+                "`bnb_4bit_compute_dtype`), and leave `torch_dtype` unset here."
+            )
+    kwargs = {k: v for k, v in (("device", device), ("dtype", torch_dtype)) if v is not None}
+    if kwargs:
+        model.to(**kwargs)
 
 
 def _restore_peft_layers(model: nn.Module) -> None:
