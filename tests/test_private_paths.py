@@ -213,7 +213,7 @@ def test_hub_checkpoint_relative_expert_inside_is_used(hub, peft_checkpoint, tmp
 
 def test_a_link_out_of_a_downloaded_checkpoint_is_never_followed(tmp_path):
     """A snapshot holding a link to a folder elsewhere (as a crafted cache could): refused, not imported."""
-    from xlora_hub.convert import _refs
+    from xlora_hub.convert.detect import expert_refs as _refs
 
     outside = save_expert(tiny_llama, tmp_path / "outside", target_modules=TARGETS, seed=1)
     snapshot = tmp_path / "snapshot"

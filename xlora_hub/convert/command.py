@@ -1,0 +1,119 @@
+"""``python -m xlora_hub.convert {detect,import,export}``: the conversions from a shell.
+
+Errors in the input are one line on stderr and exit status 1, as in the ``xlora-hub`` CLI; argparse's usage
+errors exit 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from torch import nn
+
+from ..config import BaseModelRef
+from ..errors import InvalidConfigError
+from ..hub import load_base_model, load_mixture
+from .common import LoadOptions
+from .detect import source_folder
+from .importing import import_mixture
+from .original import export_mistralrs
+from .peft_format import export_peft
+
+PROG = "python -m xlora_hub.convert"
+
+
+def _parse_adapters(values: list[str] | None) -> dict[str, str] | None:
+    """``--adapter NAME=LOCATION`` values as the ``adapters=`` mapping (``None`` when none was given)."""
+    if not values:
+        return None
+    out = {}
+    for value in values:
+        name, sep, where = value.partition("=")
+        if not sep or not name or not where:
+            raise InvalidConfigError(f"--adapter takes NAME=LOCATION (a folder or Hub repo id), got {value!r}.")
+        out[name] = where
+    return out
+
+
+def _base(value: str | None, token: str | None) -> nn.Module | None:
+    """The ``--base-model`` to load, or ``None`` (then the one the checkpoint names)."""
+    return load_base_model(BaseModelRef(repo_id=value), token=token) if value else None
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line: ``detect``, ``import`` and ``export``."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Convert X-LoRA checkpoints to and from xlora-hub mixtures."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    detect = sub.add_parser("detect", help="print the format of a checkpoint folder or Hub repo")
+    detect.add_argument("source")
+    detect.add_argument("--revision")
+    imp = sub.add_parser("import", help="import a peft / original xlora / xlora-hub checkpoint and save it")
+    imp.add_argument("source", help="checkpoint folder or Hub repo id")
+    imp.add_argument("output", help="folder to save the xlora-hub mixture to")
+    imp.add_argument("--base-model", help="base model repo id or folder (default: the one the checkpoint names)")
+    imp.add_argument("--adapter", action="append", metavar="NAME=LOCATION", help="where an expert is (repeatable)")
+    imp.add_argument("--revision")
+    imp.add_argument("--token")
+    imp.add_argument("--bundle-experts", action="store_true", help="copy Hub experts into the mixture too")
+    exp = sub.add_parser("export", help="export an xlora-hub mixture to peft's format or a mistral.rs folder")
+    exp.add_argument("format", choices=["peft", "mistralrs"])
+    exp.add_argument("mixture", help="xlora-hub mixture folder or Hub repo id")
+    exp.add_argument("output")
+    exp.add_argument("--base-model", help="base model repo id or folder (default: the one the mixture names)")
+    exp.add_argument("--base-model-id", help="(mistralrs) the base model id written in the files")
+    exp.add_argument("--revision")
+    exp.add_argument("--token")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Do the command, printing its result (a format, or the folder written)."""
+    if args.command == "detect":
+        _, fmt = source_folder(args.source, revision=args.revision, options=LoadOptions())
+        print(fmt)
+    elif args.command == "import":
+        model = import_mixture(
+            args.source,
+            base_model=_base(args.base_model, args.token),
+            adapters=_parse_adapters(args.adapter),
+            revision=args.revision,
+            token=args.token,
+        )
+        print(model.save_pretrained(args.output, bundle_experts=args.bundle_experts))
+    else:
+        model = load_mixture(
+            args.mixture, base_model=_base(args.base_model, args.token), revision=args.revision, token=args.token
+        )
+        if args.format == "peft":
+            print(export_peft(model, args.output))
+        else:
+            print(export_mistralrs(model, args.output, base_model_id=args.base_model_id))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m xlora_hub.convert {detect,import,export} ...``: see ``--help``."""
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except _user_errors() as err:  # the input is wrong: one line and exit 1, like the `xlora-hub` CLI
+        # TODO(R2): error_messages.format_error (the one formatter) instead of importing the CLI from below it.
+        from ..cli import is_user_error, one_line
+
+        if not is_user_error(err):
+            raise
+        token = getattr(args, "token", None)
+        print(f"{PROG} {args.command}: error: {one_line(err, secrets=[token] if token else [])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions the `xlora-hub` CLI reports as user errors (exit 1), shared so both commands agree."""
+    # TODO(R2): error_messages.format_error decides this; the CLI is above conversion in the layers.
+    from ..cli import user_errors
+
+    return user_errors()

@@ -1,0 +1,220 @@
+"""The original ``xlora`` package / mistral.rs layout, in and out (for example ``lamm-mit/x-lora``).
+
+``xlora_config.json`` without ``format_version`` (``adapters`` as a list or a dict, ``base_model_id``,
+``use_bias``, ``enable_relu_and_dropout``...), classifier keys ``inner.*`` / ``last.*`` (often bfloat16), experts
+in ``<name>/`` subfolders. :func:`export_mistralrs` writes it bundled, with mistral.rs' ``ordering.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME
+from ..errors import InvalidConfigError, InvalidMixtureError, UnsupportedFormatError
+from ..hub import EXPERT_FILES
+from .common import ForeignCheckpoint, foreign_config, load_classifier_tensors, read_json, shared_settings
+from .detect import checkpoint_experts
+from .writing import save_tensors, write_experts, write_export, write_json
+
+if TYPE_CHECKING:
+    from ..config import XLoraConfig
+    from ..model import XLoraModel
+
+logger = logging.getLogger(__name__)
+
+MISTRALRS_ORDERING_NAME = "ordering.json"
+"""The mistral.rs ordering file written by :func:`export_mistralrs` (``order``, ``layers``, ``base_model_id``)."""
+
+_ORIGINAL_KEY = re.compile(r"^(?:inner\.(\d+)|last)\.(weight|bias)$")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _classifier_layers(state: dict[str, torch.Tensor], *, what: str) -> list[dict[str, torch.Tensor]]:
+    """The ``inner.N.*`` / ``last.*`` tensors as linear layers in order (``{"weight": ..., "bias": ...}``)."""
+    inner: dict[int, dict[str, torch.Tensor]] = {}
+    last: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        match = _ORIGINAL_KEY.match(key)
+        if match is None:
+            raise UnsupportedFormatError(
+                f"{what}: unexpected classifier tensor {key!r} (expected inner.N.* and last.*)."
+            )
+        (inner.setdefault(int(match.group(1)), {}) if match.group(1) is not None else last)[match.group(2)] = value
+    if "weight" not in last:
+        raise InvalidMixtureError(f"{what}: {CLASSIFIER_WEIGHTS_NAME} has no `last.weight`.")
+    layers = [inner[i] for i in sorted(inner)] + [last]
+    if any("weight" not in layer for layer in layers):
+        raise InvalidMixtureError(f"{what}: an inner classifier layer has a bias but no weight.")
+    return layers
+
+
+def _check_depth(raw: dict[str, Any], depth: int, *, what: str) -> None:
+    """The config's depth against the file's, and a ReLU between layers (the only deep classifier we can hold)."""
+    if "xlora_depth" in raw and raw["xlora_depth"] != depth:
+        raise InvalidMixtureError(
+            f"{what}: xlora_depth is {raw['xlora_depth']} but {CLASSIFIER_WEIGHTS_NAME} has {depth} linear layers."
+        )
+    if depth > 1 and not raw.get("enable_relu_and_dropout", False):
+        raise UnsupportedFormatError(
+            f"{what}: a classifier of depth {depth} without ReLU (enable_relu_and_dropout=false) has no equivalent in "
+            "xlora-hub or peft, whose classifiers put a ReLU between linear layers."
+        )
+    if "hidden_size" not in raw:
+        raise InvalidConfigError(f"{what}: {CONFIG_NAME} has no `hidden_size`.")
+
+
+def read_original(folder: Path, adapters: Any, *, from_hub: bool = False) -> ForeignCheckpoint:
+    """An original xlora checkpoint folder; ``adapters`` (the caller's) overrides the experts' recorded locations."""
+    what = f"xlora checkpoint {folder}"
+    raw = read_json(folder / CONFIG_NAME, what=what)
+    if raw.get("use_mean_pool"):
+        raise UnsupportedFormatError(
+            f"{what}: use_mean_pool=true routes whole sequences, not tokens; xlora-hub cannot represent it."
+        )
+    layers = _classifier_layers(load_classifier_tensors(folder / CLASSIFIER_WEIGHTS_NAME, what=what), what=what)
+    depth = len(layers)
+    _check_depth(raw, depth, what=what)
+    experts = checkpoint_experts(raw, adapters, folder, what=what, subfolders=True, from_hub=from_hub)
+    settings = shared_settings(raw)
+    settings["xlora_depth"] = depth
+    if depth > 1:
+        settings["xlora_size"] = int(layers[0]["weight"].shape[0])
+    if settings.get("scaling_pass_value") is None:
+        settings["scaling_pass_value"] = 0.0  # mistral.rs' default when it is missing
+    config = foreign_config(raw, experts, base_model=raw.get("base_model_id"), settings=settings, what=what)
+    linears = [(layer["weight"], layer.get("bias")) for layer in layers]
+    if raw.get("use_bias", True) and any(b is None for _, b in linears):
+        raise InvalidMixtureError(f"{what}: use_bias is true but {CLASSIFIER_WEIGHTS_NAME} lacks a bias tensor.")
+    return ForeignCheckpoint(config, linears, what)
+
+
+# ---------------------------------------------------------------------------------------------- mistral.rs names
+def _mistralrs_files(names: Sequence[str]) -> list[str]:
+    """Every file path of a mistral.rs export with these expert names."""
+    fixed = [CONFIG_NAME, CLASSIFIER_WEIGHTS_NAME, MISTRALRS_ORDERING_NAME]
+    return fixed + [f"{name}/{filename}" for name in names for filename in EXPERT_FILES]
+
+
+def _mistralrs_names_ok(names: Sequence[str]) -> bool:
+    """mistral.rs gives each file of the repo to the first adapter whose name occurs in its path: every file must
+    contain its own expert's name and no other."""
+    for path in _mistralrs_files(names):
+        owner = path.split("/", 1)[0] if "/" in path else None
+        if [n for n in names if n in path] != ([owner] if owner else []):
+            return False
+    return True
+
+
+def mistralrs_expert_names(names: Sequence[str]) -> list[str]:
+    """Expert names safe for mistral.rs (none is part of another or of a file name): the names themselves when they
+    are, else ``e<i>_<name>``, else ``xlora_expert_<i>``."""
+    width = len(str(len(names) - 1))
+    for candidate in (
+        list(names),
+        [f"e{i:0{width}d}_{n}" for i, n in enumerate(names)],
+        [f"xlora_expert_{i:0{width}d}" for i in range(len(names))],
+    ):
+        if _mistralrs_names_ok(candidate):
+            return candidate
+    raise UnsupportedFormatError(f"Cannot name experts {list(names)} safely for mistral.rs.")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _check_exportable(config: XLoraConfig, base_model_id: str | None) -> str:
+    """The base model id to write; refuses what mistral.rs cannot run, warns about what some releases cannot."""
+    if config.top_k_lora is not None or config.enable_softmax_topk:
+        raise UnsupportedFormatError(
+            "mistral.rs does not support `top_k_lora` / `enable_softmax_topk`; set them to None/False to export."
+        )
+    base_model_id = base_model_id or (config.base_model.repo_id if config.base_model else None)
+    if not base_model_id:
+        raise InvalidConfigError(
+            "The mixture names no base model; pass `base_model_id=` (the Hub id mistral.rs loads)."
+        )
+    if config.xlora_depth > 1 and config.xlora_size != config.hidden_size:
+        logger.warning(
+            "Some mistral.rs releases build the last classifier layer with hidden_size inputs; this classifier has "
+            "xlora_size=%d != hidden_size=%d. Check your mistral.rs version loads it.",
+            config.xlora_size,
+            config.hidden_size,
+        )
+    return base_model_id
+
+
+def _original_config(config: XLoraConfig, order: list[str], base_model_id: str) -> dict[str, Any]:
+    """The original package's ``xlora_config.json`` (``base_model_id`` and ``enable_relu_and_dropout`` explicit)."""
+    return {
+        "hidden_size": config.hidden_size,
+        "base_model_id": base_model_id,
+        "adapters": {name: name for name in order},
+        "layerwise_scalings": config.layerwise_scalings,
+        "enable_relu_and_dropout": True,
+        "use_bias": True,
+        "xlora_depth": config.xlora_depth,
+        "xlora_size": config.xlora_size,
+        "xlora_dropout_p": config.xlora_dropout_p,
+        "enable_softmax": config.enable_softmax,
+        "softmax_temperature": config.softmax_temperature,
+        "scaling_pass_value": config.resolved_scaling_pass_value(),
+        "use_trainable_adapters": False,
+        "global_scaling_weight": config.global_scaling_weight,
+        "top_k_lora": None,
+        "enable_softmax_topk": False,
+    }
+
+
+def _original_classifier_state(classifier: nn.Module) -> dict[str, torch.Tensor]:
+    """Our classifier's linear layers under the original keys: ``inner.N.*``, the last one ``last.*``."""
+    linears = [m for m in classifier.layers if isinstance(m, nn.Linear)]
+    state: dict[str, torch.Tensor] = {}
+    for i, linear in enumerate(linears):
+        prefix = "last" if i == len(linears) - 1 else f"inner.{i}"
+        state[f"{prefix}.weight"] = linear.weight
+        state[f"{prefix}.bias"] = linear.bias
+    return state
+
+
+def export_mistralrs(
+    model: XLoraModel,
+    save_directory: str | os.PathLike[str],
+    *,
+    base_model_id: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a bundled, mistral.rs-ready folder in the original ``xlora`` layout.
+
+    A ``save_directory`` that already holds files is refused unless ``overwrite=True`` (it is then replaced whole).
+
+    Contents: ``xlora_config.json`` (``base_model_id`` and ``enable_relu_and_dropout`` explicit),
+    ``xlora_classifier.safetensors`` (keys ``inner.N.*`` / ``last.*``), the experts in ``<name>/`` and
+    ``ordering.json`` (expert order, each adapted layer's scaling index, base model id). Expert names are
+    changed when one occurs in another (mistral.rs matches files by name); ``ordering.json`` lists the
+    names used.
+    """
+    config = model.xlora_config
+    base_model_id = _check_exportable(config, base_model_id)
+    new_names = dict(zip(model.expert_names, mistralrs_expert_names(model.expert_names)))
+    if any(k != v for k, v in new_names.items()):
+        logger.warning("Experts renamed for mistral.rs (a name occurred in another): %s", new_names)
+
+    def write(tmp: Path, final: Path) -> None:
+        order = [new_names[n] for n in model.expert_names]
+        write_experts(model, tmp, new_names)
+        write_json(tmp / CONFIG_NAME, _original_config(config, order, base_model_id))
+        save_tensors(_original_classifier_state(model.classifier), tmp / CLASSIFIER_WEIGHTS_NAME)
+        ordering = {
+            "order": order,
+            "layers": {name: i for i, name in enumerate(model.layer_names)},
+            "base_model_id": base_model_id,
+        }
+        write_json(tmp / MISTRALRS_ORDERING_NAME, ordering)
+
+    return write_export(save_directory, write, overwrite=overwrite)
