@@ -15,8 +15,18 @@ task labels supervise the routing during training only; inference sees the text 
 The result is laid out like a published mixture: ``base_model/`` (model + tokenizer), one peft adapter
 folder per expert under ``experts/``, and the mixture files written by ``save_pretrained``. It is
 cached under ``$XLORA_HUB_CACHE`` (default ``$XDG_CACHE_HOME/xlora-hub`` or ``~/.cache/xlora-hub``),
-keyed by :data:`DEMO_VERSION` and the seed. Every step is seeded and runs with deterministic kernels
-on one CPU thread, so two builds with the same seed give the same weights bit for bit.
+keyed by :data:`DEMO_VERSION` and the seed.
+
+Every step is seeded and runs with deterministic kernels on one CPU thread, so two builds with the
+same seed on one machine give the same files byte for byte. Another machine may build other bits: MKL
+and torch pick their math kernels for the CPU they find (an AMD CPU takes other MKL kernels than an
+Intel one; AVX2 and AVX-512 sum in other orders). Pinning them before Python starts
+(``MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=avx2``: MKL documents its compatible branch as giving the
+same results on Intel and AMD CPUs) makes the build's weights independent of the MKL kernels the CPU
+would get, but costs about twice the CPU time, so the default build does not pin them. The recipe has
+the margin instead: builds with five seeds and with other kernels score within a point or two of the
+recorded one (``benchmarks/results/demo_seeds.md``), and :data:`REFERENCE_WEIGHTS_SHA256` tells whether
+a build reproduced the recorded one.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import json
 import os
 import random
 import string
+import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,15 +56,23 @@ if TYPE_CHECKING:
     from .data import TokenizedDataset
     from .model import XLoraModel
 
-DEMO_VERSION = "v1"
+DEMO_VERSION = "v2"
 """Names the recipe below; bump it whenever the recipe changes, so an old cached build is never reused."""
+
+REFERENCE_WEIGHTS_SHA256 = "f6569629b5ce9abc1dc73cb8baa0b2f114459a3d941d125374799a1963f6e0be"
+""":func:`weights_digest` of the recorded default build (seed 0, :data:`RECIPE`): torch 2.13.0, transformers 5.24,
+peft 0.21.2 on an Intel Xeon with AVX-512, default kernels. Another digest means other kernels or library
+versions; such a build scores a little differently (within the margin the tests allow)."""
+
+KERNEL_ENV = ("MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+"""Environment variables that choose the math kernels (recorded in ``demo_build.json`` with the CPU capability)."""
 
 CACHE_ENV = "XLORA_HUB_CACHE"
 BASE_MODEL_DIR = "base_model"
 EXPERTS_DIR = "experts"
 BUILD_INFO_NAME = "demo_build.json"
 BUILD_THREADS = 1
-"""CPU threads of the build: fixed, so the floating-point reductions (and the weights) never depend on the machine."""
+"""CPU threads of the build: fixed, so the floating-point reductions (and the weights) never depend on the core count."""
 
 TASKS = ("add", "rev", "up", "cnt")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens")
@@ -130,14 +149,14 @@ class DemoRecipe:
     pretrain_steps: int = 700
     pretrain_lr: float = 3e-3
     expert_examples: int = 3000
-    expert_steps: int = 600
+    expert_steps: int = 800
     expert_lr: float = 5e-3
     lora_r: int = 8
     lora_alpha: int = 16
     classifier_examples: int = 800
-    classifier_epochs: int = 4
+    classifier_epochs: int = 8
     classifier_lr: float = 1e-2
-    routing_loss_weight: float = 1.0
+    routing_loss_weight: float = 5.0
     batch_size: int = 64
     max_length: int = 32
 
@@ -303,7 +322,7 @@ def build_demo_mixture(
     progress: bool = True,
     recipe: DemoRecipe | None = None,
 ) -> Path:
-    """Build the demo mixture once (about a minute and a half on one CPU core) and return its cached folder.
+    """Build the demo mixture once (about two minutes on one CPU core) and return its cached folder.
 
     A finished build (one with ``demo_build.json``) is reused unless ``force``. The build happens in a
     temporary folder next to the target and is renamed into place at the end, so an interrupted build
@@ -320,6 +339,8 @@ def build_demo_mixture(
     with staging_folder(target) as work:
         with deterministic_torch():
             phases = _build_into(work, seed=seed, recipe=recipe, progress=progress)
+        for path in sorted(work.rglob("*.safetensors")):
+            canonicalize_safetensors_header(path)
         info = {
             "version": DEMO_VERSION,
             "seed": seed,
@@ -328,6 +349,7 @@ def build_demo_mixture(
             "build_seconds": round(sum(phases.values()), 1),
             "phase_seconds": {name: round(seconds, 1) for name, seconds in phases.items()},
             "threads": BUILD_THREADS,
+            "kernels": kernel_settings(),
             "weights_sha256": weights_digest(work),
         }
         (work / BUILD_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -335,6 +357,16 @@ def build_demo_mixture(
             return target
         replace_folder(work, target)
     return target
+
+
+def kernel_settings() -> dict[str, Any]:
+    """What chose this process's math kernels: torch's CPU capability and the kernel variables that are set.
+
+    Recorded with each build, so a build whose digest differs from the recorded one says why it may.
+    """
+    settings: dict[str, Any] = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    settings.update({name: os.environ[name] for name in KERNEL_ENV if os.environ.get(name)})
+    return settings
 
 
 def _build_into(folder: Path, *, seed: int, recipe: DemoRecipe, progress: bool) -> dict[str, float]:
@@ -375,7 +407,9 @@ def _build_into(folder: Path, *, seed: int, recipe: DemoRecipe, progress: bool) 
         started = time.perf_counter()
         expert_seed = seed * 1000 + index + 1
         torch.manual_seed(expert_seed)
-        peft_model = get_peft_model(_load_base_model(folder), lora)
+        expert_base = _load_base_model(folder)
+        expert_base.name_or_path = BASE_MODEL_DIR  # not the staging folder's absolute path, which would leak
+        peft_model = get_peft_model(expert_base, lora)
         examples = make_task_examples(task, recipe.expert_examples, seed=seed)
         data = tokenize_dataset(examples, tokenizer, max_length=recipe.max_length)
         _fit(
@@ -440,8 +474,32 @@ def _train_classifier(folder: Path, tokenizer, *, seed: int, recipe: DemoRecipe,
     return model.eval()
 
 
+def canonicalize_safetensors_header(path: Path) -> None:
+    """Rewrite ``path``'s header with its ``__metadata__`` keys sorted, so equal files are equal byte for byte.
+
+    safetensors writes the metadata in its hash map's order, which changes from process to process. The
+    header keeps its length (the same JSON, compact, padded with spaces as safetensors pads it), so the
+    tensor bytes after it are not moved.
+    """
+    with path.open("r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        metadata = header.pop("__metadata__", None)
+        tensors = sorted(header.items(), key=lambda item: item[1]["data_offsets"])
+        canonical = {"__metadata__": dict(sorted(metadata.items()))} if metadata is not None else {}
+        canonical.update(tensors)
+        text = json.dumps(canonical, separators=(",", ":")).encode()
+        if len(text) > length:  # never happens for a header safetensors wrote; leave such a file alone
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (length - len(text)))
+
+
 def weights_digest(folder: str | os.PathLike[str]) -> str:
-    """SHA-256 over every tensor of every ``.safetensors`` file under ``folder`` (path, name, dtype, shape, bytes)."""
+    """SHA-256 over every tensor of every ``.safetensors`` file under ``folder`` (path, name, dtype, shape, bytes).
+
+    Only the tensors count, not the file bytes: the header's metadata (and its order) does not change the digest.
+    """
     from safetensors import safe_open
 
     digest = hashlib.sha256()
@@ -643,17 +701,20 @@ def _score_task(task, model, tokenizer, base, singles, options, *, seed: int, n:
 
 __all__ = [
     "DEMO_VERSION",
+    "REFERENCE_WEIGHTS_SHA256",
     "TASKS",
     "DemoRecipe",
     "DemoReport",
     "TaskScores",
     "build_demo_mixture",
     "build_tokenizer",
+    "canonicalize_safetensors_header",
     "default_cache_dir",
     "demo_mixture_path",
     "demo_xlora_config",
     "evaluate_demo_mixture",
     "exact_match",
+    "kernel_settings",
     "load_demo_mixture",
     "make_task_example",
     "make_task_examples",
