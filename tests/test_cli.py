@@ -310,7 +310,7 @@ def test_push_local_experts_gives_each_local_expert_its_own_repo(hub, mixture, c
 def test_bench_runs_the_benchmark_script(capfd, monkeypatch):
     assert main(["bench", "--", "--help"]) == 0
     assert "--quick" in capfd.readouterr().out  # the benchmark's own help
-    monkeypatch.setattr(cli, "BENCH_SCRIPT", Path("benchmarks") / "missing.py")
+    monkeypatch.setattr(cli.bench, "BENCH_SCRIPT", Path("benchmarks") / "missing.py")
     assert main(["bench", "--quick"]) == 1
     assert "source checkout" in capfd.readouterr().err
 
