@@ -45,7 +45,10 @@ MAX_ERROR_CHARS = 2000
 """The longest message :func:`format_error` returns; a longer one is cut, saying so."""
 
 _MAX_CAUSES = 8  # how far down a chain of ``raise ... from err`` a Hub error is looked for
-_API_SUBPATHS = {"resolve", "tree", "blob", "raw", "refs", "commit", "discussions", "settings", "revision"}
+_API_SUBPATHS = frozenset(
+    "resolve tree blob raw refs commit commits discussions settings revision paths-info preupload".split()
+)
+"""Path segments that follow a repo id in Hub API URLs (so they are never read as the repo's name)."""
 
 
 @dataclass(frozen=True)
@@ -155,14 +158,15 @@ def _http_message(err: BaseException, request: HubRequest, hints: ErrorHints) ->
     from huggingface_hub import errors as hf
 
     repo = request.repo_id
-    where = f"Hub repo {repo!r}" if repo else f"the Hub repo of {request.url or 'the request'}"
+    where = f"Hub repo {repo!r}" if repo else f"the repo of {_path(request.url) or 'the request'}"
+    subject = where[0].upper() + where[1:]
     server = f" The Hub says: {request.server_message.strip().rstrip('.')}." if request.server_message else ""
     if isinstance(err, hf.GatedRepoError):
         page = f" at {hub_url(repo, repo_type=request.repo_type or 'model')}" if repo else " on the Hub"
-        return f"{where} is gated: accept its conditions{page}, then {hints.token}.{server}"
+        return f"{subject} is gated: accept its conditions{page}, then {hints.token}.{server}"
     if isinstance(err, hf.RepositoryNotFoundError):
         return (
-            f"{where} was not found on {_endpoint()} (or it is private and the token cannot read it). Check the "
+            f"{subject} was not found on {_endpoint()} (or it is private and the token cannot read it). Check the "
             f"repo id; for a private repo {hints.token}."
         )
     if isinstance(err, hf.RevisionNotFoundError):
@@ -173,7 +177,7 @@ def _http_message(err: BaseException, request: HubRequest, hints: ErrorHints) ->
         at = f" at revision {request.revision!r}" if request.revision else ""
         return f"{name} was not found in {where}{at} on {_endpoint()}."
     if isinstance(err, hf.DisabledRepoError):
-        return f"{where} has been disabled on {_endpoint()}; it cannot be downloaded.{server}"
+        return f"{subject} has been disabled on {_endpoint()}; it cannot be downloaded.{server}"
     return _status_message(request, hints) + server
 
 
@@ -239,12 +243,12 @@ def _parse_hub_url(url: str | None, *, repo_id: str | None) -> tuple[str | None,
         size = _repo_size(rest, repo_id)
         tail = rest[size:]
         revision = tail[1] if len(tail) >= 2 else None
-        return repo_type, repo_id or "/".join(rest[:size]), revision, None
+        return repo_type, repo_id or "/".join(rest[:size]) or None, revision, None
     if segments[:1] in (["datasets"], ["spaces"]):
         repo_type, segments = segments[0][:-1], segments[1:]
-    if "resolve" not in segments:
+    at = _repo_size(segments, repo_id) if repo_id else (segments.index("resolve") if "resolve" in segments else -1)
+    if at < 0 or segments[at : at + 1] != ["resolve"]:
         return repo_type, repo_id, None, None
-    at = segments.index("resolve")
     rest = segments[at + 1 :]
     return (
         repo_type or "model",

@@ -11,7 +11,7 @@ from .options import hub_kwargs, torch_dtype
 
 def load_model(args: argparse.Namespace, mixture: str):
     """The mixture named on the command line, loaded with the command's Hub, dtype and device options."""
-    from ..hub import load_mixture
+    from .. import load_mixture  # the package face: the loader moves to the model layer (issue 11)
 
     return load_mixture(
         mixture,
