@@ -331,6 +331,16 @@ def test_missing_files_are_user_errors(world, mixture, tmp_path, capsys):
     assert not (tmp_path / "m").exists()  # nothing half-written
 
 
+def test_a_base_folder_without_a_model_is_a_user_error(world, tmp_path, capsys):
+    # transformers says so with a bare ValueError, which the CLI no longer takes for a user error by itself
+    (tmp_path / "empty-base").mkdir()
+    assert_user_error(capsys, ["create", str(tmp_path / "empty-base"), str(world.math), "-o", str(tmp_path / "m")],
+                      "Base model", "empty-base", "could not be loaded", "model folder")  # fmt: skip
+    assert_user_error(capsys, ["convert", str(tmp_path / "m"), str(tmp_path / "o"), "--to", "peft", "--base-model",
+                               str(tmp_path / "empty-base")], "empty-base", "could not be loaded")  # fmt: skip
+    assert not (tmp_path / "m").exists()
+
+
 def test_bad_ref_syntax_is_a_user_error(world, tmp_path, capsys):
     out = str(tmp_path / "m")
     assert_user_error(capsys, ["create", str(world.base), "alice/lora@", "-o", out], "empty revision")

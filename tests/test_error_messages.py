@@ -52,8 +52,9 @@ def test_repository_not_found_names_the_repo_and_the_token_fix(hub, tmp_path):
     assert type(err) is hf.RepositoryNotFoundError and hub_request(err).repo_id == missing
     line = format_error(err)
     assert line == (
-        f"Hub repo {missing!r} was not found on {ENDPOINT} (or it is private and the token cannot read it). Check "
-        "the repo id; for a private repo pass a token that can read it (`token=`, HF_TOKEN or `hf auth login`)."
+        f"Hub repo {missing!r} was not found (no such repo on {ENDPOINT}, or it is private and the token cannot "
+        "read it). Check the repo id; for a private repo pass a token that can read it (`token=`, HF_TOKEN or `hf "
+        "auth login`)."
     )
     assert "pass --token, set HF_TOKEN" in format_error(err, hints=CLI_HINTS)
 
@@ -125,7 +126,7 @@ def test_a_hub_error_wrapped_by_transformers_is_worded_as_the_hub_error(hub, tmp
     missing = f"alice/missing-{uuid.uuid4().hex[:8]}"
     err = raised(AutoConfig.from_pretrained, missing, cache_dir=tmp_path)
     assert type(err) is OSError and isinstance(err.__cause__, hf.RepositoryNotFoundError)
-    assert format_error(err).startswith(f"Hub repo {missing!r} was not found on {ENDPOINT}")
+    assert format_error(err).startswith(f"Hub repo {missing!r} was not found (no such repo on {ENDPOINT}")
 
 
 def test_an_unreachable_hub_names_the_endpoint_it_tried():

@@ -16,6 +16,14 @@ and "xlora-hub has a bug" (the traceback) is drawn once. Recognised, in this ord
 Everything else (a ``TypeError``, a ``ZeroDivisionError``, a bare ``ValueError``...) gives ``None``: the caller
 shows the traceback. Every message goes through :func:`xlora_hub.redact.redact`, so a token never reaches
 the screen, and is cut to :data:`MAX_ERROR_CHARS` (a config value can be megabytes long).
+
+A front end names its own fixes with :class:`ErrorHints` and reads what a Hub error was about with
+:func:`hub_request`::
+
+    line = format_error(err, token=token, hints=ErrorHints(token="set HF_TOKEN in the Space's secrets"))
+    if line is None:
+        raise  # a bug: let the traceback show
+    about_the_mixture = hub_request(err).repo_id == mixture_repo_id
 """
 
 from __future__ import annotations
@@ -166,8 +174,8 @@ def _http_message(err: BaseException, request: HubRequest, hints: ErrorHints) ->
         return f"{subject} is gated: accept its conditions{page}, then {hints.token}.{server}"
     if isinstance(err, hf.RepositoryNotFoundError):
         return (
-            f"{subject} was not found on {_endpoint()} (or it is private and the token cannot read it). Check the "
-            f"repo id; for a private repo {hints.token}."
+            f"{subject} was not found (no such repo on {_endpoint()}, or it is private and the token cannot read "
+            f"it). Check the repo id; for a private repo {hints.token}."
         )
     if isinstance(err, hf.RevisionNotFoundError):
         revision = f"Revision {request.revision!r}" if request.revision else "The revision"

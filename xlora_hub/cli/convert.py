@@ -8,6 +8,7 @@ from typing import Any
 
 from ..refs import is_local_argument
 from .expert_args import parse_named_ref
+from .loading import load_base_model
 from .options import EXIT_OK, PROG, AddCommand, UsageError, hub_kwargs, hub_options, print_lines, torch_dtype
 
 
@@ -16,7 +17,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ..config import BaseModelRef
     from ..convert import detect_format, export_mistralrs, export_peft, import_mixture
     from ..errors import InvalidConfigError
-    from ..hub import load_base_model
     from ..staging import check_overwrite
 
     adapters = None
@@ -34,7 +34,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.base_model:
         if is_local_argument(args.base_model) and not Path(args.base_model).expanduser().is_dir():
             raise InvalidConfigError(f"Base model folder {args.base_model!r} does not exist.")
-        base = load_base_model(BaseModelRef(repo_id=args.base_model), **hub_kwargs(args))
+        base = load_base_model(args, BaseModelRef(repo_id=args.base_model))
     model = import_mixture(
         args.source,
         base_model=base,

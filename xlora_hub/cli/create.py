@@ -8,6 +8,7 @@ from typing import Any
 
 from ..refs import is_local_argument
 from .expert_args import expert_refs
+from .loading import load_base_model
 from .options import EXIT_OK, PROG, AddCommand, hub_kwargs, hub_options, print_lines
 
 
@@ -15,7 +16,6 @@ def cmd_create(args: argparse.Namespace) -> int:
     """Check every setting, load the base model, build the mixture from the experts and save it."""
     from ..config import BaseModelRef, XLoraConfig
     from ..errors import InvalidConfigError
-    from ..hub import load_base_model
     from ..model import XLoraModel
 
     experts = expert_refs(args.experts, args.name)
@@ -52,7 +52,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     else:
         base_ref = BaseModelRef(repo_id=args.base, revision=args.revision)
     config = XLoraConfig(experts=experts, **settings)  # every setting is checked before anything is downloaded
-    base = load_base_model(base_ref, **hub_kwargs(args))
+    base = load_base_model(args, base_ref)
     if base_ref.revision is None and not is_local_argument(base_ref.repo_id):
         commit = getattr(base.config, "_commit_hash", None)
         base_ref = BaseModelRef(repo_id=base_ref.repo_id, revision=commit) if commit else base_ref

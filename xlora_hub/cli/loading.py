@@ -47,3 +47,28 @@ def load_tokenizer(model: Any, args: argparse.Namespace):
             f"No tokenizer could be loaded from {name!r} ({why}). Pass --tokenizer "
             "with a Hub repo id or folder that has one."
         ) from err
+
+
+def load_base_model(args: argparse.Namespace, ref: Any):
+    """The base model a user named (``create BASE``, ``convert --base-model``), with the command's Hub options.
+
+    ``transformers`` says "this folder or repo holds no model" with a bare ``ValueError`` / ``OSError``; for a
+    model the user named, that is the input's fault, so it becomes an :class:`~xlora_hub.errors.InvalidConfigError`
+    naming the model (the Hub's own errors pass through: :func:`~xlora_hub.error_messages.format_error` words them).
+    """
+    # TODO(R1): the Hub room's load_base_model could word this for every caller (load_mixture too)
+    from ..error_messages import format_error
+    from ..errors import InvalidConfigError
+    from ..hub import load_base_model as load
+    from ..redact import redact
+
+    try:
+        return load(ref, **hub_kwargs(args))
+    except (OSError, ValueError) as err:
+        if format_error(err) is not None:
+            raise
+        why = redact(" ".join(str(err).split()), [args.token])[:300].rstrip(".")  # redacted before it is cut
+        raise InvalidConfigError(
+            f"Base model {ref.repo_id!r} could not be loaded ({why}). Give a transformers model folder (with its "
+            "config.json and weights) or a Hub repo id."
+        ) from err
