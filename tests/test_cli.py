@@ -310,7 +310,7 @@ def test_push_local_experts_gives_each_local_expert_its_own_repo(hub, mixture, c
 def test_bench_runs_the_benchmark_script(capfd, monkeypatch):
     assert main(["bench", "--", "--help"]) == 0
     assert "--quick" in capfd.readouterr().out  # the benchmark's own help
-    monkeypatch.setattr(cli, "BENCH_SCRIPT", Path("benchmarks") / "missing.py")
+    monkeypatch.setattr(cli.bench, "BENCH_SCRIPT", Path("benchmarks") / "missing.py")
     assert main(["bench", "--quick"]) == 1
     assert "source checkout" in capfd.readouterr().err
 
@@ -329,6 +329,16 @@ def test_missing_files_are_user_errors(world, mixture, tmp_path, capsys):
     assert_user_error(capsys, ["convert", str(world.root), str(tmp_path / "out"), "--to", "peft"],
                       "not an X-LoRA checkpoint")  # fmt: skip
     assert not (tmp_path / "m").exists()  # nothing half-written
+
+
+def test_a_base_folder_without_a_model_is_a_user_error(world, tmp_path, capsys):
+    # transformers says so with a bare ValueError, which the CLI no longer takes for a user error by itself
+    (tmp_path / "empty-base").mkdir()
+    assert_user_error(capsys, ["create", str(tmp_path / "empty-base"), str(world.math), "-o", str(tmp_path / "m")],
+                      "Base model", "empty-base", "could not be loaded", "model folder")  # fmt: skip
+    assert_user_error(capsys, ["convert", str(tmp_path / "m"), str(tmp_path / "o"), "--to", "peft", "--base-model",
+                               str(tmp_path / "empty-base")], "empty-base", "could not be loaded")  # fmt: skip
+    assert not (tmp_path / "m").exists()
 
 
 def test_bad_ref_syntax_is_a_user_error(world, tmp_path, capsys):
