@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..config import BaseModelRef
+from ..error_messages import format_error
 from ..errors import InvalidConfigError
 from ..hub import load_base_model, load_mixture
 from .common import LoadOptions
@@ -99,21 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _run(args)
-    except _user_errors() as err:  # the input is wrong: one line and exit 1, like the `xlora-hub` CLI
-        # TODO(R2): error_messages.format_error (the one formatter) instead of importing the CLI from below it.
-        from ..cli import is_user_error, one_line
-
-        if not is_user_error(err):
+    except Exception as err:  # the input is wrong: one line and exit 1, like the `xlora-hub` CLI; a bug re-raises
+        line = format_error(err, token=getattr(args, "token", None))
+        if line is None:
             raise
-        token = getattr(args, "token", None)
-        print(f"{PROG} {args.command}: error: {one_line(err, secrets=[token] if token else [])}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {line}", file=sys.stderr)
         return 1
     return 0
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions the `xlora-hub` CLI reports as user errors (exit 1), shared so both commands agree."""
-    # TODO(R2): error_messages.format_error decides this; the CLI is above conversion in the layers.
-    from ..cli import user_errors
-
-    return user_errors()
