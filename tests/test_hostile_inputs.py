@@ -468,7 +468,7 @@ def test_generate_warns_once_when_the_model_config_turned_the_cache_off(expert_d
         return XLoraModel.from_experts(base, XLoraConfig(experts={"a": str(expert_dir)}))
 
     first = model()
-    caplog.set_level(logging.WARNING, logger="xlora_hub.model")
+    caplog.set_level(logging.WARNING, logger="xlora_hub.generation")
     for _ in range(2):
         first.generate(input_ids=IDS, max_new_tokens=2, do_sample=False)
     warnings = [r for r in caplog.records if "without a KV cache" in r.getMessage()]

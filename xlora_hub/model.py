@@ -8,6 +8,10 @@ owned by the model: set before a pass, cleared after.
 Both passes keep a KV cache (:class:`~xlora_hub.cache.XLoraCache`): the scaling pass is causal, so
 the scalings of past tokens never change and generation is linear in the number of new tokens.
 
+Building (resolving and checking the experts, peft loading, wrapping peft's layers) lives in
+:mod:`xlora_hub.building` and :mod:`xlora_hub.placement`, decoding (caches, ``generate``'s hooks) in
+:mod:`xlora_hub.generation`; this module is the model itself: its two passes and its control API.
+
 The Hub methods (``from_pretrained``, ``save_pretrained``, ``push_to_hub``) live in
 :mod:`xlora_hub.hub`; the thin methods here only forward to it, so this module knows nothing of the
 Hub.
@@ -16,24 +20,35 @@ Hub.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .cache import CACHE_ARGUMENTS, XLoraCache, cache_argument, take_xlora_cache
+from .building import (
+    base_model_ref,
+    check_experts_fit,
+    check_hidden_size,
+    layer_mismatch_message,
+    peft_experts,
+    resolve_experts,
+    restore_peft_layers,
+    with_quantization,
+    wrap_lora_layers,
+)
+from .cache import CACHE_ARGUMENTS, XLoraCache
 from .classifier import XLoraClassifier
-from .config import BaseModelRef, ExpertRef, XLoraConfig
-from .errors import IncompatibleExpertError, InvalidConfigError, InvalidMixtureError
-from .experts import ResolvedExpert, cached_commit_sha, check_expert_matches_model, resolve_expert
-from .finite import first_non_finite
-from .layers import RoutingState, XLoraLayer, supported_lora_layers, wrap_lora_layer
-from .quantization import compute_dtype, describe_quantization, is_quantized_tensor
+from .config import ExpertRef, XLoraConfig
+from .errors import InvalidMixtureError
+from .experts import ResolvedExpert
+from .generation import Decoder, supports_cache
+from .layers import RoutingState, XLoraLayer
+from .placement import hidden_state_device, move_base_model, offload_kwargs
+from .quantization import compute_dtype
+from .scalings import process_scalings, scaling_pass_scalings
 
 logger = logging.getLogger(__name__)
 
@@ -51,39 +66,6 @@ _REAL_PASS_ONLY = frozenset(
         "return_loss",
     }
 )
-
-
-def _hidden_size(model: nn.Module) -> int:
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(text_config, attr, None)
-        if isinstance(value, int):
-            return value
-    raise InvalidConfigError(
-        f"Cannot read the hidden size of {type(model).__name__} from its config; set `hidden_size` in XLoraConfig."
-    )
-
-
-def _check_hidden_size(model: nn.Module, config: XLoraConfig) -> int:
-    hidden_size = _hidden_size(model)
-    if config.hidden_size is not None and config.hidden_size != hidden_size:
-        raise InvalidMixtureError(
-            f"The mixture was made for hidden size {config.hidden_size} but the base model "
-            f"({type(model).__name__}) has hidden size {hidden_size}: load it on its own base model."
-        )
-    return hidden_size
-
-
-def _base_model_ref(model: nn.Module) -> BaseModelRef | None:
-    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not name:
-        return None
-    if os.path.isdir(os.path.expanduser(str(name))):
-        # a local folder: recorded absolute, so the mixture does not depend on the directory it was made from
-        return BaseModelRef(repo_id=os.path.abspath(os.path.expanduser(str(name))))
-    revision = getattr(getattr(model, "config", None), "_commit_hash", None) or cached_commit_sha(str(name))
-    return BaseModelRef(repo_id=str(name), revision=revision or None)
 
 
 class XLoraModel(nn.Module):
@@ -112,28 +94,16 @@ class XLoraModel(nn.Module):
         self._latest_scalings: torch.Tensor | None = None
         self._scalings_logging = False
         self._scalings_log: list[torch.Tensor] = []
-        self._cache_argument = cache_argument(model)
-        self._warned_no_cache = False
+        self._decoder = Decoder(model)  # decoding state: the cache argument's name, warnings said
 
         names = xlora_config.expert_names
-        self.xlora_layers: list[XLoraLayer] = []
-        targets = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-        if not targets:
-            raise IncompatibleExpertError("None of the experts adapts any layer of this base model.")
-        for index, (module_name, module) in enumerate(targets):
-            wrapper = wrap_lora_layer(
-                module, layer_index=index, expert_names=names, routing=self.routing, module_name=module_name
-            )
-            parent_name, _, child_name = module_name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child_name, wrapper)
-            self.xlora_layers.append(wrapper)
+        self.xlora_layers: list[XLoraLayer] = wrap_lora_layers(model, expert_names=names, routing=self.routing)
         layer_names = [w.module_name for w in self.xlora_layers]
         if xlora_config.layer_names is not None and xlora_config.layer_names != layer_names:
-            raise InvalidMixtureError(_layer_mismatch_message(xlora_config.layer_names, layer_names))
-        hidden_size = _check_hidden_size(model, xlora_config)
+            raise InvalidMixtureError(layer_mismatch_message(xlora_config.layer_names, layer_names))
+        hidden_size = check_hidden_size(model, xlora_config)
         self.xlora_config = xlora_config.replace(
-            layer_names=layer_names, hidden_size=hidden_size, base_model=_with_quantization(xlora_config, model)
+            layer_names=layer_names, hidden_size=hidden_size, base_model=with_quantization(xlora_config, model)
         )
         self.classifier = XLoraClassifier(
             self.xlora_config,
@@ -141,7 +111,7 @@ class XLoraModel(nn.Module):
             n_layers=len(self.xlora_layers),
             n_experts=len(names),
             dtype=compute_dtype(model),
-            device=_hidden_state_device(model),
+            device=hidden_state_device(model),
         )
         self._apply_trainability()
         self.eval()
@@ -180,68 +150,25 @@ class XLoraModel(nn.Module):
         if not isinstance(config, XLoraConfig):
             config = XLoraConfig(**dict(config))
         if config.base_model is None:
-            config = config.replace(base_model=_base_model_ref(base_model))
-        resolved = [
-            resolve_expert(
-                name,
-                ref,
-                base_dir=base_dir,
-                token=token,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                force_download=force_download,
-            )
-            for name, ref in config.experts.items()
-        ]
-        _check_hidden_size(base_model, config)
-        for expert in resolved:  # the adapter config, then its tensors' header against it and the model
-            check_expert_matches_model(expert, base_model)
-        _move_base_model(base_model, device=device, torch_dtype=torch_dtype)
-        offload = _offload_kwargs(
+            config = config.replace(base_model=base_model_ref(base_model))
+        resolved = resolve_experts(
+            config,
+            base_dir=base_dir,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
+        )
+        check_experts_fit(base_model, config, resolved)  # everything that can fail, before the base is modified
+        move_base_model(base_model, device=device, torch_dtype=torch_dtype)
+        offload = offload_kwargs(
             base_model, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder
         )
-        return cls._build(base_model, config, resolved, upcast_experts=upcast_experts, offload=offload)
-
-    @classmethod
-    def _build(
-        cls,
-        base_model: nn.Module,
-        config: XLoraConfig,
-        resolved: list[ResolvedExpert],
-        *,
-        upcast_experts: bool,
-        offload: Mapping[str, Any] | None = None,
-    ) -> XLoraModel:
-        from peft import PeftModel
-
         trainable = config.use_trainable_adapters
-        peft_model = None
-        try:
-            with _peft_writes_inside(offload) as stage:
-                for i, expert in enumerate(resolved):
-                    kwargs = dict(adapter_name=expert.name, is_trainable=trainable, autocast_adapter_dtype=False)
-                    kwargs.update(offload or {})
-                    if i == 0:
-                        peft_model = PeftModel.from_pretrained(base_model, str(expert.local_dir), **kwargs)
-                    else:
-                        peft_model.load_adapter(str(expert.local_dir), **kwargs)
-            if stage is not None:
-                _absolute_offload_paths(peft_model, stage)
-            hf_model = peft_model.base_model.model
-            dtype = torch.float32 if upcast_experts else compute_dtype(base_model)
-            for module_name, module in hf_model.named_modules():
-                if isinstance(module, supported_lora_layers()):
-                    _check_expert_factors_finite(module_name, module)
-                    for name, param in module.named_parameters():
-                        if "lora_" in name and not is_quantized_tensor(param) and param.dtype != dtype:
-                            param.data = param.data.to(dtype)
-            return cls(hf_model, config, experts=resolved, peft_model=peft_model)
-        except Exception:
-            if peft_model is not None:  # leave the caller's base model as it was
-                with contextlib.suppress(Exception):
-                    _restore_peft_layers(peft_model.base_model.model)
-                    peft_model.base_model.unload()
-            raise
+        with peft_experts(
+            base_model, resolved, trainable=trainable, upcast_experts=upcast_experts, offload=offload
+        ) as peft_model:  # a failure inside (e.g. a layer mismatch) leaves the caller's base model as it was
+            return cls(peft_model.base_model.model, config, experts=resolved, peft_model=peft_model)
 
     def _apply_trainability(self) -> None:
         train_experts = self.xlora_config.use_trainable_adapters
@@ -301,60 +228,30 @@ class XLoraModel(nn.Module):
 
     def _process_scalings(self, scalings: torch.Tensor) -> torch.Tensor:
         """Apply top-k, the top-k softmax and the global weight (as peft does in each layer), once per pass."""
-        config = self.xlora_config
-        if not config.layerwise_scalings:
-            scalings = scalings[:, :, :1, :]
-        if config.top_k_lora is not None:
-            _, top = torch.topk(scalings, k=config.top_k_lora, dim=-1)
-            mask = torch.zeros_like(scalings, dtype=torch.bool).scatter_(-1, top, True)
-            scalings = scalings * mask.to(scalings.dtype)
-        if config.enable_softmax_topk:
-            nonzero = scalings != 0
-            scalings = torch.softmax(scalings.masked_fill(~nonzero, float("-inf")), dim=-1).masked_fill(~nonzero, 0.0)
-        if config.global_scaling_weight != 1:
-            scalings = scalings * config.global_scaling_weight
-        return scalings
+        return process_scalings(self.xlora_config, scalings)
 
     def _scaling_pass_scalings(self) -> torch.Tensor | None:
-        value = self.xlora_config.resolved_scaling_pass_value()
-        if value == 0:
-            return None  # exactly the base model: no expert math at all
-        n_layers = self.n_layers if self.xlora_config.layerwise_scalings else 1
-        dummy = torch.full((1, 1, n_layers, self.n_experts), value, dtype=self.classifier.last_layer.weight.dtype)
-        return self._process_scalings(dummy.to(self.classifier.last_layer.weight.device))
+        weight = self.classifier.last_layer.weight
+        return scaling_pass_scalings(
+            self.xlora_config,
+            n_layers=self.n_layers,
+            n_experts=self.n_experts,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
 
     def _last_hidden_state(self, model_kwargs: dict[str, Any], cache: XLoraCache | None) -> torch.Tensor:
         kwargs = {k: v for k, v in model_kwargs.items() if k not in _REAL_PASS_ONLY}
         if cache is not None:
-            kwargs[self._cache_argument] = cache.scaling_cache
+            kwargs[self._decoder.cache_argument] = cache.scaling_cache
             kwargs["use_cache"] = True
-        elif self._supports_cache():
+        elif supports_cache(self):
             kwargs["use_cache"] = False
         backbone = getattr(self.model, "base_model", self.model)
         with torch.no_grad(), self._routing(self._scaling_pass_scalings()):
             if backbone is not self.model:
                 return backbone(**kwargs, return_dict=True).last_hidden_state
             return self.model(**kwargs, output_hidden_states=True, return_dict=True).hidden_states[-1]
-
-    def _supports_cache(self) -> bool:
-        can_generate = getattr(self.model, "can_generate", None)
-        return bool(can_generate and can_generate() and not getattr(self.config, "is_encoder_decoder", False))
-
-    def _prepare_cache(self, model_kwargs: dict[str, Any]) -> XLoraCache | None:
-        """Pick the cache of this call: the caller's XLoraCache, a new one, or none."""
-        past = take_xlora_cache(model_kwargs, self._cache_argument)
-        if past is not None:
-            model_kwargs[self._cache_argument] = past
-            return past
-        use_cache = model_kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = bool(getattr(self.config, "use_cache", False))
-        if use_cache and self._supports_cache():
-            cache = XLoraCache(config=self.config)
-            model_kwargs[self._cache_argument] = cache
-            return cache
-        model_kwargs[self._cache_argument] = None
-        return None
 
     def compute_scalings(self, model_kwargs: dict[str, Any], cache: XLoraCache | None = None) -> torch.Tensor:
         """Run the scaling pass and the classifier: scalings ``[batch, seq, n_layers, n_experts]``."""
@@ -384,12 +281,12 @@ class XLoraModel(nn.Module):
                 kwargs[name] = value
         if self._disabled:
             return self.model(**kwargs)
-        cache = self._prepare_cache(kwargs)
+        cache = self._decoder.prepare_cache(self, kwargs)
         scalings = self.compute_scalings(kwargs, cache)
         with self._routing(self._process_scalings(scalings)):
             return self.model(**kwargs)
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------ generation (xlora_hub.generation)
     @torch.no_grad()
     def generate(self, *args: Any, routing: str = "dynamic", **kwargs: Any):
         """``transformers`` generation with X-LoRA, KV-cached in both passes unless ``use_cache=False``.
@@ -401,82 +298,7 @@ class XLoraModel(nn.Module):
         sequence with the prompt's mean scalings: generation then costs about one pass per token. It
         changes the outputs (the default, ``"dynamic"``, is the X-LoRA of the paper and of peft).
         """
-        if routing not in ("dynamic", "static"):
-            raise ValueError(f"`routing` must be 'dynamic' or 'static', got {routing!r}.")
-        if self._disabled:
-            return self.model.generate(*args, **kwargs)
-        generation_config = kwargs.get("generation_config") or self.generation_config
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(generation_config, "use_cache", None)
-        if use_cache is None:  # transformers' own default: generate with a cache
-            use_cache = True
-        if not use_cache and kwargs.get("use_cache") is None and kwargs.get("generation_config") is None:
-            self._warn_no_cache()
-        past = take_xlora_cache(kwargs, self._cache_argument)
-        if past is None and use_cache and self._supports_cache():
-            past = XLoraCache(config=self.config)
-        if past is not None:
-            kwargs[self._cache_argument] = past
-        static: list[torch.Tensor] = []
-
-        def before(module: nn.Module, hook_args: tuple, hook_kwargs: dict[str, Any]):
-            model_kwargs = dict(hook_kwargs)
-            if hook_args:
-                model_kwargs["input_ids"] = hook_args[0]
-            if routing == "static":
-                if not static:
-                    static.append(self._prompt_scalings(model_kwargs))
-                self.routing.scalings = static[0]
-                return
-            past = next((model_kwargs[n] for n in CACHE_ARGUMENTS if model_kwargs.get(n) is not None), None)
-            if past is not None and not isinstance(past, XLoraCache):
-                raise TypeError(
-                    f"X-LoRA generation got a {type(past).__name__} instead of its XLoraCache (a `cache_implementation` "
-                    "other than the default dynamic cache?); the scaling pass would lose its past tokens. Use the "
-                    "default cache or `use_cache=False`."
-                )
-            scalings = self.compute_scalings(model_kwargs, past)
-            self.routing.scalings = self._process_scalings(scalings)
-
-        def after(module: nn.Module, hook_args: tuple, hook_kwargs: dict[str, Any], output: Any):
-            self.routing.scalings = None
-
-        pre = self.model.register_forward_pre_hook(before, with_kwargs=True)
-        post = self.model.register_forward_hook(after, with_kwargs=True, always_call=True)
-        try:
-            return self.model.generate(*args, **kwargs)
-        finally:
-            pre.remove()
-            post.remove()
-            self.routing.scalings = None
-
-    def _warn_no_cache(self) -> None:
-        """Say once per model that generation runs without a KV cache because the model's own config turned it off.
-
-        peft's X-LoRA needs ``use_cache=False`` in the base model's config, so models prepared for it carry that
-        setting into their generation config; X-LoRA here keeps its own two-pass cache, so generation can use it.
-        """
-        if self._warned_no_cache or not self._supports_cache():
-            return
-        self._warned_no_cache = True
-        logger.warning(
-            "Generating without a KV cache (about 4x slower) because the base model's generation config has "
-            "use_cache=False (peft's X-LoRA requires that setting; xlora-hub does not). Pass `use_cache=True` to "
-            "generate, or set `model.generation_config.use_cache = True`, to generate with the cache."
-        )
-
-    def _prompt_scalings(self, model_kwargs: dict[str, Any]) -> torch.Tensor:
-        """Processed per-sequence scalings ``[batch, 1, n_layers, n_experts]``: the mean over the prompt's real tokens."""
-        model_kwargs = {k: v for k, v in model_kwargs.items() if k not in CACHE_ARGUMENTS}
-        scalings = self.compute_scalings(model_kwargs, None)
-        mask = model_kwargs.get("attention_mask")
-        if mask is None or mask.dim() != 2:
-            mean = scalings.mean(dim=1, keepdim=True)
-        else:
-            weights = mask[:, -scalings.shape[1] :].to(scalings.dtype)[:, :, None, None]
-            mean = (scalings * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1)
-        return self._process_scalings(mean)
+        return self._decoder.generate(self, *args, routing=routing, **kwargs)
 
     # ------------------------------------------------------------------ control API (peft's names)
     def set_topk_lora(self, value: int | None) -> None:
@@ -585,157 +407,8 @@ class XLoraModel(nn.Module):
 
     def unwrap(self) -> nn.Module:
         """Put peft's own LoRA layers back and return the ``transformers`` model (still holding the experts)."""
-        _restore_peft_layers(self.model)
+        restore_peft_layers(self.model)
         return self.model
-
-
-def _check_expert_factors_finite(module_name: str, module: nn.Module) -> None:
-    """Refuse an expert whose loaded factors hold NaN/Inf (they would make every logit NaN), naming it."""
-    bad = first_non_finite((n, p) for n, p in module.named_parameters() if "lora_" in n)
-    if bad is not None:
-        factor, _, rest = bad.partition(".")
-        expert = rest.split(".")[0]
-        raise IncompatibleExpertError(
-            f"Expert {expert!r}: tensor {module_name}.{factor} holds NaN or infinite values, which would make every "
-            "output NaN. Its adapter_model.safetensors is corrupt or comes from a diverged training run; use a good "
-            "copy (`force_download=True`) or retrain the expert."
-        )
-
-
-def _with_quantization(config: XLoraConfig, model: nn.Module) -> BaseModelRef | None:
-    """The config's base model ref recording how this base is quantized (information only: nothing reads it back)."""
-    ref = config.base_model
-    if ref is None:
-        return None
-    quantization = describe_quantization(model)
-    return ref if ref.quantization == quantization else dataclasses.replace(ref, quantization=quantization)
-
-
-def _offload_kwargs(
-    model: nn.Module,
-    *,
-    device_map: str | dict[str, Any] | None,
-    max_memory: dict[Any, Any] | None,
-    offload_folder: str | os.PathLike[str] | None,
-) -> dict[str, Any]:
-    """peft's loading arguments for a base accelerate placed with offloaded layers (nothing for other bases).
-
-    peft re-dispatches such a base with each adapter; without its map and offload folder it moves the
-    offloaded (meta) weights and fails ("Cannot copy out of meta tensor").
-    """
-    placement = getattr(model, "hf_device_map", None)
-    if not placement or not {"cpu", "disk"} & {str(v) for v in placement.values()}:
-        return {}
-    if device_map is None:  # peft dispatches the PeftModel, whose modules sit under "base_model.model."
-        device_map = {f"base_model.model.{name}" if name else "base_model.model": d for name, d in placement.items()}
-    if offload_folder is None:
-        offload_folder = next(
-            (
-                getattr(getattr(module._hf_hook, "weights_map", None), "dataset", None)
-                for module in model.modules()
-                if getattr(getattr(getattr(module, "_hf_hook", None), "weights_map", None), "dataset", None)
-            ),
-            None,
-        )
-        offload_folder = getattr(offload_folder, "save_folder", None)
-    if offload_folder is None and "disk" in {str(v) for v in placement.values()}:
-        raise InvalidConfigError(
-            "The base model has layers offloaded to disk but no offload folder is known; pass `offload_folder=` "
-            "(the folder peft may write the offloaded layers with their experts to)."
-        )
-    kwargs: dict[str, Any] = {"device_map": device_map}
-    if max_memory is not None:
-        kwargs["max_memory"] = max_memory
-    if offload_folder is not None:
-        kwargs["offload_folder"] = str(offload_folder)
-    return kwargs
-
-
-@contextlib.contextmanager
-def _peft_writes_inside(offload: Mapping[str, Any] | None) -> Iterator[os.PathLike[str] | None]:
-    """Run peft's loading from a folder inside the offload folder, when it re-dispatches a disk-offloaded base.
-
-    peft rewrites each offloaded checkpoint shard with the experts' tensors to the shard's path with its
-    leading "/" dropped, i.e. relative to the working directory (from "/" it would overwrite the base's own
-    checkpoint). Started from ``<offload_folder>/peft-offload`` its writes stay in the offload folder. The
-    working directory is the process's: do not load models from other threads meanwhile.
-    """
-    folder = (offload or {}).get("offload_folder")
-    if folder is None:
-        yield None
-        return
-    from pathlib import Path
-
-    stage = Path(folder).resolve() / "peft-offload"
-    stage.mkdir(parents=True, exist_ok=True)
-    previous = os.getcwd()
-    os.chdir(stage)
-    try:
-        yield stage
-    finally:
-        os.chdir(previous)
-
-
-def _absolute_offload_paths(model: nn.Module, stage: os.PathLike[str]) -> None:
-    """Make the shard paths peft recorded relative to ``stage`` (see :func:`_peft_writes_inside`) absolute."""
-    for module in model.modules():
-        hook = getattr(module, "_hf_hook", None)
-        for single in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
-            weights = getattr(single, "weights_map", None)
-            index = getattr(getattr(weights, "dataset", weights), "index", None)
-            for info in (index or {}).values():
-                path = info.get("safetensors_file") if isinstance(info, dict) else None
-                if path and not os.path.isabs(path):
-                    info["safetensors_file"] = os.path.join(os.fspath(stage), path)
-
-
-def _hidden_state_device(model: nn.Module) -> torch.device:
-    """Where the last hidden state comes out, for the classifier: the execution device of the layer reading it
-    (the output embeddings) under accelerate, else the device of the first real (not offloaded) weight."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    hook = getattr(head, "_hf_hook", None) if head is not None else None
-    device = getattr(hook, "execution_device", None)
-    if device is not None:
-        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
-    for param in model.parameters():
-        if not param.is_meta:
-            return param.device
-    return torch.device("cpu")
-
-
-def _move_base_model(model: nn.Module, *, device: torch.device | str | None, torch_dtype: torch.dtype | None) -> None:
-    """``model.to(device, dtype)`` for the arguments given; a quantized base is never cast to another dtype."""
-    if torch_dtype is not None and describe_quantization(model) is not None:
-        if torch_dtype == compute_dtype(model):
-            torch_dtype = None
-        else:
-            raise InvalidConfigError(
-                f"The base model is quantized ({describe_quantization(model)}) and cannot be cast to {torch_dtype}: "
-                "choose its compute dtype when loading it (`dtype=` in transformers' `from_pretrained`, or "
-                "`bnb_4bit_compute_dtype`), and leave `torch_dtype` unset here."
-            )
-    kwargs = {k: v for k, v in (("device", device), ("dtype", torch_dtype)) if v is not None}
-    if kwargs:
-        model.to(**kwargs)
-
-
-def _restore_peft_layers(model: nn.Module) -> None:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, XLoraLayer):
-            parent_name, _, child_name = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child_name, module.unwrap())
-
-
-def _layer_mismatch_message(expected: list[str], actual: list[str]) -> str:
-    missing = [n for n in expected if n not in actual][:3]
-    extra = [n for n in actual if n not in expected][:3]
-    detail = f"missing {missing}, unexpected {extra}" if (missing or extra) else "same layers in another order"
-    return (
-        f"The mixture's X-LoRA layers ({len(expected)}) do not match the layers built on this base model "
-        f"({len(actual)}): {detail}. The classifier would route to the wrong layers; load the mixture on the base "
-        "model and experts it was made with."
-    )
 
 
 __all__ = ["XLoraModel", "XLoraCache", "ExpertRef"]
