@@ -68,7 +68,7 @@ def test_push_creates_then_updates_the_space(hub, mixture_repo):
     assert url.endswith(f"/spaces/{space}")
     info = api.space_info(space)
     files = set(api.list_repo_files(space, repo_type="space"))
-    assert {"app.py", "requirements.txt", "README.md", SPACE_CONFIG_NAME, "xlora_hub/space.py"} <= files
+    assert {"app.py", "requirements.txt", "README.md", SPACE_CONFIG_NAME, "xlora_hub/space/__init__.py"} <= files
     assert _read(api, space, "app.py") == (spaces_app_dir() / "app.py").read_text(encoding="utf-8")
     assert "torch" in _read(api, space, "requirements.txt")
     assert json.loads(_read(api, space, SPACE_CONFIG_NAME))["revision"] == first_sha
