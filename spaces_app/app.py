@@ -5,283 +5,40 @@ Runs as a Hugging Face Space (this file at the Space root, next to a copy of ``x
 ``XLORA_REVISION``), else from the Space's ``xlora_space.json``, else the embedded default mixture.
 
 The model keeps per-pass routing state, so it runs one generation at a time: the generate event has a
-concurrency limit of 1 in the queue, and a lock guards the model as well.
+concurrency limit of 1 in the queue, and a lock guards the model as well. This file holds the page (layout,
+handlers, start-up); running a request (:class:`~xlora_hub.space.MixtureRunner`) and drawing its routing
+(:func:`~xlora_hub.space.render_routing`) live in the package, which a published Space carries next to it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import queue
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import gradio as gr
-import torch
-from matplotlib.figure import Figure
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
 from xlora_hub.errors import XLoraHubError
-from xlora_hub.routing import dominant_experts, layer_view, routing_from_log
 from xlora_hub.space import (
+    ALL_LAYERS,
     MAX_UPLOAD_BYTES,
     DemoMixture,
+    MixtureRunner,
     display_name,
-    expert_infos,
+    expert_colors,
+    experts_markdown,
     hide_local_paths,
     load_demo,
     model_card_summary,
+    render_routing,
     space_target,
 )
 
 logger = logging.getLogger(__name__)
 
-# tab10: distinct colours, readable behind dark text at the HighlightedText's opacity.
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-ALL_LAYERS = "mean over layers"
-MAX_PROMPT_CHARS_PER_TOKEN = 32  # cheap guard before tokenising a huge paste
-
-
-def expert_colors(names: list[str]) -> dict[str, str]:
-    """One colour per expert, the same in the token view, the legend and the heatmap's strip."""
-    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
-
-
-class GenerationStats:
-    """Counts generate handlers in flight, to show that the queue's concurrency limit holds."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.completed = 0
-
-    def enter(self) -> None:
-        with self._lock:
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-
-    def leave(self, *, completed: bool) -> None:
-        with self._lock:
-            self.in_flight -= 1
-            self.completed += int(completed)
-
-
-class _StopFlag(StoppingCriteria):
-    """Stops ``generate`` when the request goes away (the client disconnected or the event was cancelled)."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class TokenTextStreamer(BaseStreamer):
-    """The decoded new text after every token, as an iterator fed by ``generate`` in another thread.
-
-    ``transformers.TextIteratorStreamer`` holds text back until a space, which a character-level model
-    may never write; decoding the whole answer again per token is cheap at these lengths.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self._prompt_seen = False
-        self._queue: queue.Queue[str | None] = queue.Queue()
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() passes the prompt first
-            self._prompt_seen = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        self._queue.put(self.tokenizer.decode(self.ids, skip_special_tokens=True))
-
-    def end(self) -> None:
-        self._queue.put(None)
-
-    def __iter__(self) -> Iterator[str]:
-        while (text := self._queue.get()) is not None:
-            yield text
-
-
-class MixtureRunner:
-    """Validates requests and streams generations from one model, one at a time."""
-
-    def __init__(self, model: Any, tokenizer: Any, *, max_new_tokens_cap: int, max_prompt_tokens: int) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.lock = threading.Lock()
-        self.stats = GenerationStats()
-        self.max_new_tokens_cap = int(max_new_tokens_cap)
-        self.max_prompt_tokens = int(max_prompt_tokens)
-        self.context = getattr(model.config, "max_position_embeddings", None)
-
-    # -------------------------------------------------------------- input checks (each a message in the UI)
-    def encode(self, prompt: Any, max_new_tokens: Any, top_k: Any) -> tuple[dict[str, torch.Tensor], int, int | None]:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise gr.Error("The prompt is empty: type some text to continue.", print_exception=False)
-        cap = self.max_new_tokens_cap
-        if max_new_tokens is None or not float(max_new_tokens).is_integer() or not 1 <= max_new_tokens <= cap:
-            raise gr.Error(
-                f"Max new tokens must be a whole number from 1 to {cap} (this Space's cap); got {max_new_tokens}.",
-                print_exception=False,
-            )
-        n_experts = self.model.n_experts
-        if top_k is None or not float(top_k).is_integer() or not 0 <= top_k <= n_experts:
-            raise gr.Error(
-                f"Top-k experts must be a whole number from 0 (use all experts) to {n_experts} (the number of "
-                f"experts in this mixture); got {top_k}.",
-                print_exception=False,
-            )
-        too_long = f"The prompt is too long: this Space takes at most {self.max_prompt_tokens} tokens. Shorten it."
-        if len(prompt) > self.max_prompt_tokens * MAX_PROMPT_CHARS_PER_TOKEN:
-            raise gr.Error(too_long, print_exception=False)
-        inputs = self.tokenizer(prompt, return_tensors="pt")
-        n_prompt = inputs["input_ids"].shape[1]
-        if n_prompt > self.max_prompt_tokens:
-            raise gr.Error(f"{too_long} (It has {n_prompt} tokens.)", print_exception=False)
-        if self.context is not None and n_prompt + int(max_new_tokens) > self.context:
-            raise gr.Error(
-                f"The prompt ({n_prompt} tokens) plus {int(max_new_tokens)} new tokens exceeds the model's context of "
-                f"{self.context} tokens: shorten the prompt or lower Max new tokens.",
-                print_exception=False,
-            )
-        inputs = {k: v.to(self.model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-        return inputs, int(max_new_tokens), (int(top_k) or None)
-
-    # -------------------------------------------------------------- generation
-    def stream(
-        self, inputs: dict[str, torch.Tensor], gen_kwargs: dict[str, Any], *, seed: int, adapters: bool
-    ) -> Iterator[tuple[str, torch.Tensor | None]]:
-        """Yield ``(text so far, None)`` while generating, then ``(text, new token ids)``. Call under ``lock``."""
-        streamer = TokenTextStreamer(self.tokenizer)
-        stop = threading.Event()
-        result: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                torch.manual_seed(seed)
-                kwargs = dict(
-                    inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopFlag(stop)]), **gen_kwargs
-                )
-                if adapters:
-                    result["ids"] = self.model.generate(**kwargs)
-                else:
-                    with self.model.disable_adapter():
-                        result["ids"] = self.model.generate(**kwargs)
-            except BaseException as err:  # re-raised in the handler's thread
-                result["error"] = err
-                streamer.end()
-
-        thread = threading.Thread(target=work, name="xlora-generate", daemon=True)
-        thread.start()
-        text = ""
-        try:
-            for text in streamer:
-                yield text, None
-        finally:
-            stop.set()
-            thread.join()
-        if "error" in result:
-            raise result["error"]
-        new_ids = result["ids"][0, inputs["input_ids"].shape[1] :]
-        yield self.tokenizer.decode(new_ids, skip_special_tokens=True), new_ids
-
-    def token_texts(self, ids: list[int]) -> list[str]:
-        """Each token as text, keeping the leading space that sentencepiece marks with '▁'."""
-        texts = []
-        for token_id, token in zip(ids, self.tokenizer.convert_ids_to_tokens(ids)):
-            text = self.tokenizer.decode([token_id])
-            if isinstance(token, str) and token.startswith("▁") and not text.startswith(" "):
-                text = " " + text
-            texts.append(text.replace("\n", "↵") or "∅")
-        return texts
-
-
-# ------------------------------------------------------------------------------------------ routing picture
-def _layer_index(choice: str | None) -> int | None:
-    if not choice or choice == ALL_LAYERS:
-        return None
-    return int(str(choice).split(":", 1)[0])
-
-
-def render_routing(state: dict[str, Any] | None, layer_choice: str | None, names: list[str]):
-    """Token view, heatmap and per-expert means of one generation for one layer (or the mean over layers)."""
-    if not state:
-        return None, None, None
-    routing = torch.tensor(state["routing"], dtype=torch.float32).reshape(-1, state["n_layers"], len(names))
-    layer = _layer_index(layer_choice)
-    weights = layer_view(routing, layer)
-    dominant = dominant_experts(weights)
-    tokens = state["tokens"]
-    highlighted = [(tok, names[dominant[i]] if i < len(dominant) else None) for i, tok in enumerate(tokens)]
-    view = ALL_LAYERS if layer is None else f"layer {layer_choice}"
-    figure = routing_figure(weights, tokens, names, n_prompt=state["n_prompt"], title=f"Routing weights ({view})")
-    means = {name: float(weights[:, j].mean()) if weights.shape[0] else 0.0 for j, name in enumerate(names)}
-    return highlighted, figure, means
-
-
-def routing_figure(weights: torch.Tensor, tokens: list[str], names: list[str], *, n_prompt: int, title: str) -> Figure:
-    """Tokens x experts heatmap, with a strip of each token's dominant-expert colour above it.
-
-    Axes are placed by hand (no constrained layout): rendering stays well under the generation's own time.
-    """
-    from matplotlib.colors import ListedColormap
-
-    n_tokens, n_experts = weights.shape[0], len(names)
-    top, strip, heat, bottom = 0.5, 0.22, 0.3 * max(n_experts, 2), 0.55  # inches
-    height = top + strip + 0.05 + heat + bottom
-    figure = Figure(figsize=(10, height), dpi=100)
-    left, right = 0.09, 0.9
-    heat_ax = figure.add_axes((left, bottom / height, right - left, heat / height))
-    strip_ax = figure.add_axes(((left, (bottom + heat + 0.05) / height, right - left, strip / height)), sharex=heat_ax)
-    bar_ax = figure.add_axes((right + 0.015, bottom / height, 0.012, heat / height))
-    image = heat_ax.imshow(
-        weights.T.numpy().reshape(n_experts, n_tokens),
-        aspect="auto",
-        cmap="viridis",
-        vmin=0.0,
-        vmax=1.0,
-        interpolation="nearest",
-    )
-    figure.colorbar(image, cax=bar_ax, label="weight")
-    if n_tokens:
-        strip_ax.imshow(
-            [dominant_experts(weights)],
-            aspect="auto",
-            cmap=ListedColormap(list(expert_colors(names).values())),
-            vmin=-0.5,
-            vmax=n_experts - 0.5,
-            interpolation="nearest",
-        )
-        if 0 < n_prompt < n_tokens:
-            for ax in (strip_ax, heat_ax):
-                ax.axvline(n_prompt - 0.5, color="white", linewidth=2, linestyle="--")
-    strip_ax.set_yticks([0], ["dominant"])
-    strip_ax.tick_params(axis="x", labelbottom=False)
-    strip_ax.set_title(title + "  (dashed line: end of the prompt)", fontsize=10)
-    heat_ax.set_yticks(range(n_experts), names)
-    step = max(1, math.ceil(n_tokens / 60))
-    labels = [repr(t)[1:-1] for t in tokens[:n_tokens:step]]
-    heat_ax.set_xticks(range(0, n_tokens, step), labels, rotation=90, fontsize=7)
-    return figure
-
-
-def experts_markdown(model: Any) -> str:
-    rows = ["| expert | repo | rank | alpha | target modules |", "|---|---|---|---|---|"]
-    for info in expert_infos(model):
-        source = f"[{info.source}]({info.url})" if info.url else f"`{info.source}`"
-        targets = ", ".join(f"`{t}`" for t in info.target_modules) or "?"
-        rank = "?" if info.rank is None else info.rank
-        alpha = "?" if info.alpha is None else info.alpha
-        rows.append(f"| **{info.name}** | {source} | {rank} | {alpha} | {targets} |")
-    return "\n".join(rows)
+__all__ = ["build_app", "demo", "expert_colors", "main", "render_routing", "serve"]
 
 
 # ------------------------------------------------------------------------------------------ handlers
@@ -346,40 +103,6 @@ def make_generate_handler(runner: MixtureRunner, names: list[str]):
     return generate
 
 
-def _routed_generation(runner: MixtureRunner, inputs, gen_kwargs, seed: int, options: dict[str, Any]):
-    """Stream the mixture's text with the request's routing settings and the scalings log on; the settings and
-    the log are the model's, so both are put back however the generation ends (the next user sees neither).
-    Yields ``(text, None)`` while streaming, then ``(text, new_ids, log)``."""
-    model = runner.model
-    with model.routing_options(**options):
-        model.clear_scalings_log()
-        model.enable_scalings_logging()
-        try:
-            text, new_ids = "", None
-            for text, new_ids in runner.stream(inputs, gen_kwargs, seed=seed, adapters=True):
-                if new_ids is None:
-                    yield text, None, None
-            log = model.get_scalings_log()
-        finally:
-            model.disable_scalings_logging()
-            model.clear_scalings_log()
-    yield text, new_ids, log
-
-
-def routing_state(runner: MixtureRunner, inputs, new_ids: torch.Tensor, log) -> tuple[dict[str, Any], int]:
-    """What the page keeps of one generation (``gr.State``: tokens, prompt length, per-token routing), and
-    the number of routed tokens."""
-    ids = inputs["input_ids"][0].tolist() + new_ids.tolist()
-    routing = routing_from_log(log, len(ids))
-    state = {
-        "tokens": runner.token_texts(ids),
-        "n_prompt": inputs["input_ids"].shape[1],
-        "n_layers": routing.shape[1],
-        "routing": routing.flatten().tolist(),
-    }
-    return state, routing.shape[0]
-
-
 def run_generation(runner: MixtureRunner, names, inputs, gen_kwargs, seed, options, compare_base, layer_choice):
     """Stream the mixture's output, then its routing picture, then (optionally) the base model's output.
 
@@ -388,12 +111,12 @@ def run_generation(runner: MixtureRunner, names, inputs, gen_kwargs, seed, optio
     skip = gr.skip()
     started = time.time()
     yield "", "", None, None, None, None, None
-    for step in _routed_generation(runner, inputs, gen_kwargs, seed, options):
+    for step in runner.routed_stream(inputs, gen_kwargs, seed=seed, options=options):
         if step[1] is None:
             yield step[0], skip, skip, skip, skip, skip, skip
     text, new_ids, log = step
     xlora_seconds = time.time() - started
-    state, routed = routing_state(runner, inputs, new_ids, log)
+    state, routed = runner.routing_state(inputs, new_ids, log)
     highlighted, figure, means = render_routing(state, layer_choice, names)
     info = {
         "prompt_tokens": state["n_prompt"],
