@@ -30,14 +30,8 @@ import torch  # noqa: E402
 from factories import VOCAB, save_expert, tiny_llama  # noqa: E402
 
 from xlora_hub import XLoraConfig, XLoraModel  # noqa: E402
-from xlora_hub.space import (  # noqa: E402
-    dominant_experts,
-    launch_demo,
-    layer_view,
-    load_app_module,
-    load_demo,
-    routing_from_log,
-)
+from xlora_hub.routing import dominant_experts, layer_view, routing_from_log  # noqa: E402
+from xlora_hub.space import launch_demo, load_app_module, load_demo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERTS = ("math", "code", "poem")
@@ -290,6 +284,23 @@ def test_sampling_and_xlora_controls(app, loaded):
     assert first[1] == ""  # no base comparison asked for
 
 
+def test_a_bad_routing_value_leaves_no_setting_behind(app):
+    """A request whose top-k is fine but whose global weight is NaN is refused with one line, and the model
+    keeps its own settings: no half-applied top-k stays set for the next user."""
+    import gradio as gr
+
+    demo, _ = app
+    model = demo.runner.model
+    # the app's own /generate function (gradio_client cannot send a NaN: JSON has none)
+    generate = next(f.fn for f in demo.fns.values() if f.api_name == "generate")
+    before = (model.xlora_config.top_k_lora, model.get_global_scaling_weight(), model.xlora_config.softmax_temperature)
+    args = generate_args("fine", top_k=1, global_weight=float("nan"), softmax_temperature=0.5)
+    with pytest.raises(gr.Error, match="`global_scaling_weight` must be a finite number"):
+        list(generate(*args))
+    after = (model.xlora_config.top_k_lora, model.get_global_scaling_weight(), model.xlora_config.softmax_temperature)
+    assert after == before == (None, 1.0, 1.0)
+
+
 # ------------------------------------------------------------------------------------------ load
 def test_twenty_concurrent_clients(app, loaded):
     demo, url = app
@@ -362,3 +373,41 @@ def test_unknown_mixture_stops_the_space_process(hub, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(f"xlora-hub demo: Cannot load the mixture {mixture!r}")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_gradio_reload_mode_swaps_the_app_and_keeps_the_model(mixture_dir, tmp_path):
+    """``gradio app.py`` (reload mode) serves the module-level ``demo``; an edit of the file swaps in the app
+    it builds again, while the model loaded once stays (its load is skipped on a re-run)."""
+    gradio_cli = Path(sys.executable).with_name("gradio")
+    if not gradio_cli.is_file():
+        pytest.skip("the gradio command is not installed next to this Python")
+    app_file = tmp_path / "app.py"
+    app_file.write_text((ROOT / "spaces_app" / "app.py").read_text(encoding="utf-8"), encoding="utf-8")
+    port = free_port()
+    env = {**os.environ, "XLORA_MIXTURE": str(mixture_dir), "PYTHONPATH": str(ROOT), "GRADIO_SERVER_PORT": str(port)}
+    log = open(tmp_path / "gradio.log", "w")
+    proc = subprocess.Popen([str(gradio_cli), str(app_file)], cwd=tmp_path, env=env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}/"
+
+    def title() -> str:
+        return httpx.get(url + "config", timeout=5).json()["title"]
+
+    try:
+        wait_ready(url, timeout=240)
+        assert title() == "X-LoRA mixture of LoRA experts"
+        edited = app_file.read_text(encoding="utf-8").replace('title or "X-LoRA', 'title or "Edited X-LoRA')
+        end = time.monotonic() + 60
+        while title() != "Edited X-LoRA mixture of LoRA experts" and time.monotonic() < end:
+            app_file.write_text(edited, encoding="utf-8")  # again: an edit before the watcher's first scan is missed
+            time.sleep(1.0)
+        assert title() == "Edited X-LoRA mixture of LoRA experts", (tmp_path / "gradio.log").read_text()[-3000:]
+        text = predict(client(url), "reloaded", max_new_tokens=4, compare_base=False)[0]
+        assert isinstance(text, str) and text
+        logged = (tmp_path / "gradio.log").read_text()
+        assert "Watching demo: demo" in logged and "Reloading" not in logged
+        assert logged.count("loading the mixture") == 1
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from test_space_app import EXPERTS, reference, save_tiny_mixture, start_app
 
-from xlora_hub.space import layer_view, load_app_module, load_demo
+from xlora_hub.routing import layer_view
+from xlora_hub.space import load_app_module, load_demo
 
 pytestmark = pytest.mark.browser
 

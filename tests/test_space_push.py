@@ -68,7 +68,7 @@ def test_push_creates_then_updates_the_space(hub, mixture_repo):
     assert url.endswith(f"/spaces/{space}")
     info = api.space_info(space)
     files = set(api.list_repo_files(space, repo_type="space"))
-    assert {"app.py", "requirements.txt", "README.md", SPACE_CONFIG_NAME, "xlora_hub/space.py"} <= files
+    assert {"app.py", "requirements.txt", "README.md", SPACE_CONFIG_NAME, "xlora_hub/space/__init__.py"} <= files
     assert _read(api, space, "app.py") == (spaces_app_dir() / "app.py").read_text(encoding="utf-8")
     assert "torch" in _read(api, space, "requirements.txt")
     assert json.loads(_read(api, space, SPACE_CONFIG_NAME))["revision"] == first_sha
@@ -100,6 +100,38 @@ def test_push_creates_then_updates_the_space(hub, mixture_repo):
     files = set(api.list_repo_files(space, repo_type="space"))
     assert "notes.txt" in files and "xlora_hub/gone.py" not in files
     assert api.space_info(space).sha != info.sha
+
+
+def _requirements(lines) -> dict[str, str]:
+    from packaging.requirements import Requirement
+
+    reqs = [Requirement(line) for line in lines]
+    return {req.name: str(req.specifier) for req in reqs}
+
+
+def test_published_requirements_come_from_the_package_metadata(hub, mixture_repo, tmp_path):
+    """The Space's requirements.txt is the installed package's dependencies plus its `demo` extra (gradio
+    left to the README's sdk_version), as pyproject.toml declares them: nothing copied by hand."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    repo, _ = mixture_repo
+    folder = Path(push_space(repo, "alice/unused", token=hub.token, dry_run_dir=tmp_path / "space"))
+    text = (folder / "requirements.txt").read_text(encoding="utf-8")
+    published = _requirements(line for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    declared = [Requirement(r) for r in metadata.requires("xlora-hub")]
+    expected = {
+        req.name: str(req.specifier)
+        for req in declared
+        if req.name != "gradio" and (req.marker is None or req.marker.evaluate({"extra": "demo"}))
+    }
+    assert published == expected
+    assert {"torch", "transformers", "peft", "huggingface_hub", "safetensors", "matplotlib"} <= set(published)
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    in_pyproject = _requirements([*project["dependencies"], *project["optional-dependencies"]["demo"]])
+    assert published == {name: spec for name, spec in in_pyproject.items() if name != "gradio"}
 
 
 def test_push_to_a_revision_private_space(hub, mixture_repo):
@@ -145,6 +177,24 @@ def test_bad_push_input_is_refused_before_anything_is_created(hub, mixture_repo,
     with pytest.raises(InvalidConfigError, match="is a local folder"):
         push_space(str(tmp_path), space, token=hub.token)
     assert not api.repo_exists(space, repo_type="space")
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_app_inside_the_package(tmp_path):
+    """A built wheel has no top-level ``spaces_app`` package; the app's files are ``xlora_hub/space/app_files``."""
+    import shutil
+    import zipfile
+
+    junk = shutil.ignore_patterns("build", "dist", ".git", ".venv*", "*.egg-info", "__pycache__", ".*_cache", "test-*")
+    source = shutil.copytree(ROOT, tmp_path / "source", ignore=junk)  # no stale build/ of this checkout
+    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*command, "-w", str(tmp_path / "wheel")], check=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("xlora_hub-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [name for name in names if name.startswith("spaces_app/")]
+    assert {"xlora_hub/space/app_files/app.py", "xlora_hub/space/app_files/README.md"} <= set(names)
+    top_level = next(name for name in names if name.endswith(".dist-info/top_level.txt"))
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["xlora_hub"]
 
 
 @pytest.mark.slow

@@ -4,6 +4,10 @@ The module layout (an ``nn.Sequential`` called ``layers`` with Linear / ReLU / D
 order) is kept on purpose: its state-dict keys are interchangeable with peft's
 ``XLoraClassifier`` (``layers.0.weight`` ... ``layers.{last}.bias``), so weights move between the
 two without renaming.
+
+The classifier holds the mixture's :class:`~xlora_hub.config.XLoraConfig` (``self.config``) and reads the
+softmax settings from it at every forward, so the temperature lives in one place: ``XLoraModel.xlora_config``
+is this same object, and its setters replace it here.
 """
 
 from __future__ import annotations
@@ -39,9 +43,8 @@ class XLoraClassifier(nn.Module):
         self.n_layers = n_layers
         self.n_experts = n_experts
         self.hidden_size = hidden_size
-        self.layerwise = config.layerwise_scalings
-        self.enable_softmax = config.enable_softmax
-        self.softmax_temperature = float(config.softmax_temperature)
+        self.config = config
+        self.layerwise = config.layerwise_scalings  # fixed: it decides the last layer's shape
         out_features = n_experts * n_layers if self.layerwise else n_experts
         factory = {"dtype": dtype, "device": device}
         layers: list[nn.Module] = []
@@ -54,6 +57,16 @@ class XLoraClassifier(nn.Module):
             width = config.xlora_size
         layers.append(nn.Linear(width, out_features, bias=True, **factory))
         self.layers = nn.Sequential(*layers)
+
+    @property
+    def enable_softmax(self) -> bool:
+        """Whether a softmax runs over the logits (read from :attr:`config`)."""
+        return self.config.enable_softmax
+
+    @property
+    def softmax_temperature(self) -> float:
+        """The softmax temperature, read from :attr:`config` (the one place it is kept)."""
+        return float(self.config.softmax_temperature)
 
     @property
     def last_layer(self) -> nn.Linear:

@@ -52,6 +52,16 @@ from .scalings import process_scalings, scaling_pass_scalings
 
 logger = logging.getLogger(__name__)
 
+
+class _Unset:
+    """Type of :data:`_UNSET`, the "option not given" default of :meth:`XLoraModel.routing_options`."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+_UNSET = _Unset()
+
 # Arguments of the real pass that the scaling pass must not see (it only needs the last hidden state).
 _REAL_PASS_ONLY = frozenset(
     {
@@ -102,11 +112,10 @@ class XLoraModel(nn.Module):
         if xlora_config.layer_names is not None and xlora_config.layer_names != layer_names:
             raise InvalidMixtureError(layer_mismatch_message(xlora_config.layer_names, layer_names))
         hidden_size = check_hidden_size(model, xlora_config)
-        self.xlora_config = xlora_config.replace(
-            layer_names=layer_names, hidden_size=hidden_size, base_model=with_quantization(xlora_config, model)
-        )
-        self.classifier = XLoraClassifier(
-            self.xlora_config,
+        self.classifier = XLoraClassifier(  # holds the config: see the `xlora_config` property
+            xlora_config.replace(
+                layer_names=layer_names, hidden_size=hidden_size, base_model=with_quantization(xlora_config, model)
+            ),
             hidden_size=hidden_size,
             n_layers=len(self.xlora_layers),
             n_experts=len(names),
@@ -182,6 +191,16 @@ class XLoraModel(nn.Module):
     def config(self):
         """The base model's ``transformers`` config (``xlora_config`` holds the X-LoRA settings)."""
         return self.model.config
+
+    @property
+    def xlora_config(self) -> XLoraConfig:
+        """The mixture's settings. Kept in one place, the classifier's ``config`` (which its softmax reads), so
+        the setters below and :meth:`routing_options` change the temperature everywhere at once."""
+        return self.classifier.config
+
+    @xlora_config.setter
+    def xlora_config(self, config: XLoraConfig) -> None:
+        self.classifier.config = config
 
     @property
     def generation_config(self):
@@ -319,7 +338,41 @@ class XLoraModel(nn.Module):
     def set_softmax_temperature(self, temperature: float) -> None:
         """Temperature of the classifier's softmax (lower gives sharper routing)."""
         self.xlora_config = self.xlora_config.replace(softmax_temperature=float(temperature))
-        self.classifier.softmax_temperature = float(temperature)
+
+    @contextlib.contextmanager
+    def routing_options(
+        self,
+        *,
+        top_k_lora: int | None | _Unset = _UNSET,
+        global_scaling_weight: float | _Unset = _UNSET,
+        softmax_temperature: float | _Unset = _UNSET,
+    ) -> Iterator[XLoraConfig]:
+        """Context manager: routing settings for the ``with`` block only, then the previous values again.
+
+        Only the options given change (``top_k_lora=None`` means dense, as in :meth:`set_topk_lora`). All of
+        them are validated together before any is applied, like the setters, so a bad value raises
+        :class:`~xlora_hub.errors.InvalidConfigError` with nothing changed. On exit, even by an exception, the
+        options given get their previous values back; other settings changed inside the block stay. Yields the
+        config in force. One model, one block at a time: the settings are the model's, not the thread's.
+        """
+        changes: dict[str, Any] = {}
+        if not isinstance(top_k_lora, _Unset):
+            changes["top_k_lora"] = top_k_lora
+        if not isinstance(global_scaling_weight, _Unset):
+            changes["global_scaling_weight"] = float(global_scaling_weight)
+        if not isinstance(softmax_temperature, _Unset):
+            changes["softmax_temperature"] = float(softmax_temperature)
+        before = self.xlora_config
+        during = before.replace(**changes)  # validates every change before any is applied
+        self.xlora_config = during
+        try:
+            yield during
+        finally:
+            current = self.xlora_config
+            if current is during:
+                self.xlora_config = before
+            else:  # a setter ran inside the block: keep its change, restore only ours
+                self.xlora_config = current.replace(**{name: getattr(before, name) for name in changes})
 
     def get_latest_scalings(self) -> torch.Tensor | None:
         """Scalings of the latest forward, ``[batch, seq, n_layers, n_experts]`` (seq is the new tokens only

@@ -20,12 +20,12 @@ The package: :mod:`.app` (parser and :func:`main`), :mod:`.options` (what comman
 
 from __future__ import annotations
 
+from ..routing import Generation, RoutedToken, generate_text
 from .app import build_parser, main
 from .bench import BENCH_SCRIPT
 from .errors import MAX_ERROR_CHARS, is_user_error, one_line, user_errors
 from .expert_args import default_expert_name, expert_refs, parse_named_ref
 from .generate import format_routing
-from .generation import Generation, RoutedToken, generate_text
 from .options import EXIT_OK, EXIT_USAGE, EXIT_USER_ERROR, PROG, UsageError
 from .output import output_settings
 

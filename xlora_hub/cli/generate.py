@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .generation import RoutedToken, generate_text
+from ..routing import RoutedToken, generate_text
 from .loading import load_model, load_tokenizer
 from .options import EXIT_OK, PROG, AddCommand, UsageError, hub_options, model_options
 
