@@ -1,4 +1,9 @@
-"""The model card of a mixture, made with ``huggingface_hub.ModelCard``: metadata, experts, settings, usage."""
+"""The model card of a mixture, made with ``huggingface_hub.ModelCard``: metadata, experts, settings, usage.
+
+The card is made to be published: its ``base_model`` is read from the config's text alone
+(:func:`xlora_hub.refs.is_stored_hub_id`), never from what exists in the working directory, and a local
+folder is named without its path.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,9 @@ import os
 
 import torch
 
-from .config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, FORMAT_VERSION, ExpertRef, XLoraConfig
-from .mixture_format import CARD_TAGS, EXPERTS_DIR, LIBRARY_NAME, _is_hub_id, expected_classifier_shapes, settings_dict
-
-
-def _hub_url(repo_id: str, revision: str | None, subfolder: str | None) -> str:
-    from huggingface_hub import constants
-
-    url = f"{constants.ENDPOINT.rstrip('/')}/{repo_id}/tree/{revision or 'main'}"
-    return url + (f"/{subfolder}" if subfolder else "")
+from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, FORMAT_VERSION, ExpertRef, XLoraConfig
+from ..refs import hub_url, is_stored_hub_id
+from .format import CARD_TAGS, EXPERTS_DIR, LIBRARY_NAME, expected_classifier_shapes, settings_dict
 
 
 def _folder_name(path: str) -> str:
@@ -24,7 +23,7 @@ def _folder_name(path: str) -> str:
 
 def _expert_row(index: int, name: str, ref: ExpertRef) -> str:
     if ref.is_hub:
-        source = f"[{ref.repo_id}]({_hub_url(ref.repo_id, ref.revision, ref.subfolder)})"
+        source = f"[{ref.repo_id}]({hub_url(ref.repo_id, revision=ref.revision or 'main', subfolder=ref.subfolder)})"
         revision = f"`{ref.revision[:12] if ref.is_pinned else ref.revision}`" if ref.revision else "latest (unpinned)"
     elif ref.path and not os.path.isabs(os.path.expanduser(ref.path)):
         source = f"bundled: [`{ref.path}`]({ref.path})"
@@ -41,7 +40,7 @@ def make_model_card(config: XLoraConfig, *, repo_id: str | None = None):
 
     base = config.base_model
     data = ModelCardData(
-        base_model=base.repo_id if base is not None and _is_hub_id(base.repo_id) else None,
+        base_model=base.repo_id if base is not None and is_stored_hub_id(base.repo_id) else None,
         library_name=LIBRARY_NAME,
         tags=list(CARD_TAGS),
     )
@@ -49,7 +48,7 @@ def make_model_card(config: XLoraConfig, *, repo_id: str | None = None):
     n_params = sum(int(torch.Size(shape).numel()) for shape in shapes.values())
     if base is None:
         base_text = "a base model"
-    elif _is_hub_id(base.repo_id):
+    elif is_stored_hub_id(base.repo_id):
         base_text = f"`{base.repo_id}`" + (f" at `{base.revision}`" if base.revision else "")
     else:  # a card is made to be published: a local folder is named, its path never written
         base_text = f"a local base model (folder `{_folder_name(base.repo_id)}`)"

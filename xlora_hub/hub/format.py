@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import re
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 
-from .config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, FORMAT_VERSION, XLoraConfig, check_classifier_size
-from .errors import InvalidConfigError, InvalidMixtureError, UnsupportedFormatError, short_repr
+from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, FORMAT_VERSION, XLoraConfig, check_classifier_size
+from ..errors import InvalidConfigError, InvalidMixtureError, UnsupportedFormatError, short_repr
+from ..jsonfile import read_json_object
 from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, safe_relative_path
-from .jsonfile import read_json_object
 
 MODEL_CARD_NAME = "README.md"
 EXPERTS_DIR = "experts"
@@ -28,14 +26,6 @@ EXPERT_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
 
 # Settings shown in the card and the summary (everything in XLoraConfig but the structural fields).
 _STRUCTURAL = {"experts", "base_model", "hidden_size", "layer_names"}
-_BUNDLED_ATTR = "_xlora_hub_bundled_experts"
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def _is_hub_id(value: str | None) -> bool:
-    """True for a string that names a Hub repo rather than a local folder."""
-    return bool(value) and bool(_HUB_ID_RE.match(value)) and not os.path.exists(os.path.expanduser(value))
 
 
 def settings_dict(config: XLoraConfig) -> dict[str, Any]:

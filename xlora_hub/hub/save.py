@@ -1,31 +1,36 @@
-"""Writing a mixture folder: config, classifier, model card, and the experts that live nowhere else."""
+"""Writing a mixture folder: config, classifier, model card, and the experts that live nowhere else.
+
+The model is used through what it exposes (``xlora_config``, ``experts``, ``classifier``, ``peft_model``); this
+package never imports :mod:`xlora_hub.model` at run time.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from safetensors.torch import save_file
 
-from .config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, BaseModelRef, ExpertRef, XLoraConfig
-from .errors import ExpertNotFoundError, IncompatibleExpertError
+from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, BaseModelRef, ExpertRef, XLoraConfig
+from ..errors import ExpertNotFoundError, IncompatibleExpertError
+from ..jsonfile import read_json_object
+from ..staging import carry_entry, prepare_target, replace_folder, staging_folder
+from .card import make_model_card
 from .experts import ADAPTER_WEIGHTS_NAME, ResolvedExpert
-from .jsonfile import read_json_object
-from .mixture_format import _BUNDLED_ATTR, EXPERT_FILES, EXPERTS_DIR, MODEL_CARD_NAME, classifier_metadata
-from .model_card import make_model_card
-from .staging import carry_entry, prepare_target, replace_folder, staging_folder
+from .format import EXPERT_FILES, EXPERTS_DIR, MODEL_CARD_NAME, classifier_metadata
 
 if TYPE_CHECKING:
-    from .model import XLoraModel
+    from ..model import XLoraModel
 
 
 @dataclass(frozen=True)
-class _ExpertPlan:
+class ExpertPlan:
     """How one expert is written: as a reference, copied from a folder, or exported from the live (trained) model."""
 
     name: str
@@ -38,27 +43,50 @@ class _ExpertPlan:
         return self.copy_from is not None or self.export_trained
 
 
-def _bundled_names(model: XLoraModel) -> frozenset[str]:
-    return frozenset(getattr(model, _BUNDLED_ATTR, frozenset()))
+def bundled_names(model: XLoraModel) -> frozenset[str]:
+    """The experts the model's mixture already carries in its ``experts/`` folder (loaded from it)."""
+    return frozenset(expert.name for expert in model.experts if expert.origin == "bundled")
 
 
-def _plan_experts(
+def plan_experts(
     model: XLoraModel, *, bundle_experts: bool, overrides: dict[str, ExpertRef] | None = None
-) -> list[_ExpertPlan]:
+) -> list[ExpertPlan]:
+    """How each expert is written: trained ones exported, ``overrides`` (pinned or pushed refs) as given, local
+    ones (or all with ``bundle_experts``) copied into ``experts/<name>``, Hub ones kept as references."""
     trained = model.xlora_config.use_trainable_adapters
     overrides = overrides or {}
     plans = []
     for expert in model.experts:
         bundled_ref = ExpertRef(path=f"{EXPERTS_DIR}/{expert.name}")
         if trained:
-            plans.append(_ExpertPlan(expert.name, bundled_ref, export_trained=True))
+            plans.append(ExpertPlan(expert.name, bundled_ref, export_trained=True))
         elif expert.name in overrides:
-            plans.append(_ExpertPlan(expert.name, overrides[expert.name]))
+            plans.append(ExpertPlan(expert.name, overrides[expert.name]))
         elif bundle_experts or not expert.ref.is_hub:
-            plans.append(_ExpertPlan(expert.name, bundled_ref, copy_from=expert.local_dir))
+            plans.append(ExpertPlan(expert.name, bundled_ref, copy_from=expert.local_dir))
         else:
-            plans.append(_ExpertPlan(expert.name, expert.ref))
+            plans.append(ExpertPlan(expert.name, expert.ref))
     return plans
+
+
+@contextlib.contextmanager
+def _peft_layers_in_place(model: XLoraModel) -> Iterator[None]:
+    """peft's LoRA layers back where the X-LoRA wrappers sit, for the length of a peft call that finds the adapter
+    by walking the model (``get_peft_model_state_dict``); the same wrappers are put back after, even on error.
+
+    A wrapper registers its peft layer's children under their own names, so the state dict is the same either way.
+    """
+    swaps = []
+    for wrapper in model.xlora_layers:
+        parent_name, _, child = wrapper.module_name.rpartition(".")
+        swaps.append((model.model.get_submodule(parent_name) if parent_name else model.model, child, wrapper))
+    try:
+        for parent, child, wrapper in swaps:
+            setattr(parent, child, wrapper.lora_layer)
+        yield
+    finally:
+        for parent, child, wrapper in swaps:
+            setattr(parent, child, wrapper)
 
 
 def write_expert_files(model: XLoraModel, expert: ResolvedExpert, dest: Path, *, from_model: bool) -> None:
@@ -76,14 +104,13 @@ def write_expert_files(model: XLoraModel, expert: ResolvedExpert, dest: Path, *,
                 )
             shutil.copyfile(source, dest / filename)
         return
-    # peft's own key layout for one adapter: "<module>.lora_A.<name>.weight" is saved as "<module>.lora_A.weight".
+    # peft's own export of one adapter: "<module>.lora_A.<name>.weight" is saved as "<module>.lora_A.weight"
+    from peft import get_peft_model_state_dict
+
     peft_model = model.peft_model
-    pattern = re.compile(rf"\.(lora_[A-Za-z_]+)\.{re.escape(expert.name)}(?=\.|$)")
-    state = {}
-    for key, value in peft_model.state_dict().items():
-        renamed, found = pattern.subn(r".\1", key)
-        if found:
-            state[renamed] = value.detach().to("cpu").contiguous()
+    with _peft_layers_in_place(model):
+        exported = get_peft_model_state_dict(peft_model, adapter_name=expert.name, save_embedding_layers=False)
+    state = {key: value.detach().to("cpu").contiguous() for key, value in exported.items()}
     if not state:
         raise IncompatibleExpertError(f"Expert {expert.name!r}: no LoRA weights found in the model to save.")
     save_file(state, str(dest / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
@@ -92,10 +119,10 @@ def write_expert_files(model: XLoraModel, expert: ResolvedExpert, dest: Path, *,
     peft_config.save_pretrained(str(dest))
 
 
-def _write_mixture(
+def write_mixture(
     model: XLoraModel,
     folder: Path,
-    plans: list[_ExpertPlan],
+    plans: list[ExpertPlan],
     *,
     repo_id: str | None = None,
     base_model: BaseModelRef | None = None,
@@ -173,9 +200,9 @@ def save_mixture(
     refuses any folder that is not empty (what the CLI does without ``--overwrite``).
     """
     target = prepare_target(save_directory, overwrite=overwrite, what="Mixture folder", replaces="the mixture in it")
-    plans = _plan_experts(model, bundle_experts=bundle_experts)
+    plans = plan_experts(model, bundle_experts=bundle_experts)
     with staging_folder(target) as tmp:
-        _write_mixture(model, tmp, plans)
+        write_mixture(model, tmp, plans)
         if target.is_dir():
             _carry_other_files(target, tmp)
         replace_folder(tmp, target)

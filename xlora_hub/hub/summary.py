@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, BaseModelRef, ExpertRef
+from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, BaseModelRef, ExpertRef
+from ..jsonfile import read_json_object
+from .api import hub_api
 from .experts import ADAPTER_WEIGHTS_NAME, safe_relative_path
-from .jsonfile import read_json_object
-from .mixture_format import expected_classifier_shapes, settings_dict
+from .fetch import MixtureSource, fetch_mixture
+from .format import expected_classifier_shapes, settings_dict
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ def _size(n: int | None) -> str:
 
 
 def _remote_sizes(api: Any, repo_id: str, paths: list[str], revision: str | None) -> dict[str, int]:
+    """Sizes of files in a Hub repo from its file metadata (nothing downloaded); none when the Hub will not say."""
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
@@ -116,8 +120,6 @@ def inspect_mixture(
     Sizes come from the folder, from the Hub's file metadata, or offline from the local cache (``None``
     when a file is in none of them).
     """
-    from .hub import _hub_api, fetch_mixture  # hub re-exports this module's names
-
     source = fetch_mixture(
         repo_id_or_path,
         revision=revision,
@@ -127,52 +129,15 @@ def inspect_mixture(
         with_weights=False,
     )
     config = source.config
-    api = _hub_api(token) if not local_files_only else None
 
-    def bundled_path(ref: ExpertRef) -> str:
-        rel = str(safe_relative_path(ref.path or "", what="expert path"))
-        return f"{rel}/{ref.subfolder}" if ref.subfolder else rel
+    def sizes_of(repo_id: str, paths: list[str], at: str | None) -> dict[str, int]:
+        if local_files_only:
+            return _cached_sizes(repo_id, paths, at, cache_dir)
+        return _remote_sizes(api, repo_id, paths, at)
 
-    classifier_size: int | None = None
-    bundled_sizes: dict[str, int] = {}
-    if source.repo_id is None:
-        file = source.folder / CLASSIFIER_WEIGHTS_NAME
-        classifier_size = file.stat().st_size if file.is_file() else None
-        for ref in config.experts.values():
-            if not ref.is_hub:
-                weights = source.folder / bundled_path(ref) / ADAPTER_WEIGHTS_NAME
-                if weights.is_file():
-                    bundled_sizes[bundled_path(ref)] = weights.stat().st_size
-    else:
-        wanted = [CLASSIFIER_WEIGHTS_NAME] + [
-            f"{bundled_path(ref)}/{ADAPTER_WEIGHTS_NAME}" for ref in config.experts.values() if not ref.is_hub
-        ]
-        at = source.commit or revision
-        if api is not None:
-            sizes = _remote_sizes(api, source.repo_id, wanted, at)
-        else:
-            sizes = _cached_sizes(source.repo_id, wanted, at, cache_dir)
-        classifier_size = sizes.get(CLASSIFIER_WEIGHTS_NAME)
-        bundled_sizes = {
-            path.rsplit("/", 1)[0]: size for path, size in sizes.items() if path != CLASSIFIER_WEIGHTS_NAME
-        }
-
-    experts = []
-    for name, ref in config.experts.items():
-        if ref.is_hub:
-            path = f"{ref.subfolder}/{ADAPTER_WEIGHTS_NAME}" if ref.subfolder else ADAPTER_WEIGHTS_NAME
-            if api is not None:
-                size = _remote_sizes(api, ref.repo_id, [path], ref.revision).get(path)
-            else:
-                size = _cached_sizes(ref.repo_id, [path], ref.revision, cache_dir).get(path)
-            experts.append(
-                ExpertSummary(name, "hub", ref.repo_id, ref.revision, ref.subfolder, None, ref.is_pinned, size)
-            )
-        else:
-            rel = bundled_path(ref)
-            experts.append(
-                ExpertSummary(name, "bundled", None, None, ref.subfolder, ref.path, True, bundled_sizes.get(rel))
-            )
+    api = hub_api(token) if not local_files_only else None
+    classifier_size, bundled_sizes = _mixture_sizes(source, revision, sizes_of)
+    experts = [_expert_summary(name, ref, bundled_sizes, sizes_of) for name, ref in config.experts.items()]
     shapes = expected_classifier_shapes(config)
     return MixtureSummary(
         source=source.repo_id or str(source.folder),
@@ -187,3 +152,44 @@ def inspect_mixture(
         classifier_parameters=sum(int(torch.Size(s).numel()) for s in shapes.values()),
         classifier_size_bytes=classifier_size,
     )
+
+
+def _bundled_path(ref: ExpertRef) -> str:
+    """Where a bundled expert's files are inside the mixture (its path, then its subfolder)."""
+    rel = str(safe_relative_path(ref.path or "", what="expert path"))
+    return f"{rel}/{ref.subfolder}" if ref.subfolder else rel
+
+
+def _mixture_sizes(
+    source: MixtureSource, revision: str | None, sizes_of: Callable[[str, list[str], str | None], dict[str, int]]
+) -> tuple[int | None, dict[str, int]]:
+    """The classifier's size and each bundled expert's weights size (by its path), from the folder or the Hub."""
+    bundled = [_bundled_path(ref) for ref in source.config.experts.values() if not ref.is_hub]
+    if source.repo_id is None:
+        file = source.folder / CLASSIFIER_WEIGHTS_NAME
+        sizes = {}
+        for rel in bundled:
+            weights = source.folder / rel / ADAPTER_WEIGHTS_NAME
+            if weights.is_file():
+                sizes[rel] = weights.stat().st_size
+        return (file.stat().st_size if file.is_file() else None), sizes
+    wanted = [CLASSIFIER_WEIGHTS_NAME] + [f"{rel}/{ADAPTER_WEIGHTS_NAME}" for rel in bundled]
+    found = sizes_of(source.repo_id, wanted, source.commit or revision)
+    sizes = {path.rsplit("/", 1)[0]: size for path, size in found.items() if path != CLASSIFIER_WEIGHTS_NAME}
+    return found.get(CLASSIFIER_WEIGHTS_NAME), sizes
+
+
+def _expert_summary(
+    name: str,
+    ref: ExpertRef,
+    bundled_sizes: dict[str, int],
+    sizes_of: Callable[[str, list[str], str | None], dict[str, int]],
+) -> ExpertSummary:
+    """One expert's line: a Hub ref with its weights' size from its own repo, or a bundled path."""
+    if not ref.is_hub:
+        size = bundled_sizes.get(_bundled_path(ref))
+        return ExpertSummary(name, "bundled", None, None, ref.subfolder, ref.path, True, size)
+    assert ref.repo_id is not None
+    path = f"{ref.subfolder}/{ADAPTER_WEIGHTS_NAME}" if ref.subfolder else ADAPTER_WEIGHTS_NAME
+    size = sizes_of(ref.repo_id, [path], ref.revision).get(path)
+    return ExpertSummary(name, "hub", ref.repo_id, ref.revision, ref.subfolder, None, ref.is_pinned, size)
