@@ -1,5 +1,6 @@
 """Moved to :mod:`xlora_hub.hub` (``hub.save``); kept until callers move."""
 
-from .hub.save import save_mixture, write_expert_files
+from .hub.save import *  # noqa: F403
+from .hub.save import __all__ as _all0
 
-__all__ = ["save_mixture", "write_expert_files"]
+__all__ = _all0

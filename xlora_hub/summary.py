@@ -1,5 +1,6 @@
 """Moved to :mod:`xlora_hub.hub` (``hub.summary``); kept until callers move."""
 
-from .hub.summary import ExpertSummary, MixtureSummary, inspect_mixture
+from .hub.summary import *  # noqa: F403
+from .hub.summary import __all__ as _all0
 
-__all__ = ["ExpertSummary", "MixtureSummary", "inspect_mixture"]
+__all__ = _all0

@@ -16,6 +16,10 @@ from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, FORMAT_VERSION, Exper
 from ..refs import hub_url, is_stored_hub_id
 from .format import CARD_TAGS, EXPERTS_DIR, LIBRARY_NAME, expected_classifier_shapes, settings_dict
 
+__all__ = [
+    "make_model_card",
+]
+
 
 def _folder_name(path: str) -> str:
     return os.path.basename(os.path.normpath(os.path.expanduser(path))) or "."

@@ -22,6 +22,13 @@ from ..jsonfile import read_json_object
 from ..refs import is_stored_hub_id
 from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ResolvedExpert
 
+__all__ = [
+    "adapter_tensor_shapes",
+    "check_expert_matches_model",
+    "read_adapter_config",
+    "warn_on_base_mismatch",
+]
+
 logger = logging.getLogger(__name__)
 
 

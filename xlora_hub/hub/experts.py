@@ -21,6 +21,18 @@ from ..errors import ExpertNotFoundError, IncompatibleExpertError, InvalidMixtur
 from ..paths import resolve_inside
 from ..refs import is_local_argument
 
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "PICKLE_WEIGHTS_NAME",
+    "ExpertOrigin",
+    "ResolvedExpert",
+    "cached_commit_sha",
+    "resolve_expert",
+    "safe_relative_path",
+    "snapshot_sha",
+]
+
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"

@@ -23,7 +23,7 @@ from .api import clear_connection_errors
 from .experts import ADAPTER_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, safe_relative_path, snapshot_sha
 from .format import EXPERT_FILES, read_mixture_config
 
-__all__ = ["MixtureSource", "fetch_mixture", "load_base_model", "resolve_base_model_ref"]
+__all__ = ["MixtureSource", "fetch_mixture", "load_base_model", "local_mixture_folder", "resolve_base_model_ref"]
 
 
 @dataclass(frozen=True)

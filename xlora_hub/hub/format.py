@@ -18,6 +18,21 @@ from ..errors import InvalidConfigError, InvalidMixtureError, UnsupportedFormatE
 from ..jsonfile import read_json_object
 from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, safe_relative_path
 
+__all__ = [
+    "CARD_TAGS",
+    "EXPERTS_DIR",
+    "EXPERT_FILES",
+    "LIBRARY_NAME",
+    "MODEL_CARD_NAME",
+    "check_classifier_file",
+    "classifier_metadata",
+    "classifier_shapes",
+    "expected_classifier_shapes",
+    "read_classifier_header",
+    "read_mixture_config",
+    "settings_dict",
+]
+
 MODEL_CARD_NAME = "README.md"
 EXPERTS_DIR = "experts"
 LIBRARY_NAME = "xlora-hub"

@@ -29,6 +29,16 @@ if TYPE_CHECKING:
     from ..model import XLoraModel
 
 
+__all__ = [
+    "ExpertPlan",
+    "bundled_names",
+    "plan_experts",
+    "save_mixture",
+    "write_expert_files",
+    "write_mixture",
+]
+
+
 @dataclass(frozen=True)
 class ExpertPlan:
     """How one expert is written: as a reference, copied from a folder, or exported from the live (trained) model."""

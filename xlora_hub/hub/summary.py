@@ -17,6 +17,12 @@ from .experts import ADAPTER_WEIGHTS_NAME, safe_relative_path
 from .fetch import MixtureSource, fetch_mixture
 from .format import expected_classifier_shapes, settings_dict
 
+__all__ = [
+    "ExpertSummary",
+    "MixtureSummary",
+    "inspect_mixture",
+]
+
 logger = logging.getLogger(__name__)
 
 
