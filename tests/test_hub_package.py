@@ -105,23 +105,25 @@ def test_model_card_base_model_does_not_depend_on_the_working_directory(expert_d
 
 
 # ---------------------------------------------------------------------------------------------- the tokenizer loader
-def self_contained_mixture(expert_dirs, folder: Path) -> Path:
-    """A saved mixture whose config names its base model ``./base_model``, with the base (and its tokenizer) inside."""
+def self_contained_mixture(expert_dirs, folder: Path, name: str = "./base_model") -> Path:
+    """A saved mixture whose config names its base model ``name``, with the base (and its tokenizer) inside."""
     model = XLoraModel.from_experts(tiny_llama(), XLoraConfig(experts={k: str(v) for k, v in expert_dirs.items()}))
-    model.xlora_config = model.xlora_config.replace(base_model=BaseModelRef(repo_id="./base_model"))
+    model.xlora_config = model.xlora_config.replace(base_model=BaseModelRef(repo_id=name))
     model.save_pretrained(folder)
     tiny_llama().save_pretrained(folder / "base_model")
     word_tokenizer(["base", "words"]).save_pretrained(folder / "base_model")
     return folder
 
 
-def test_tokenizer_of_a_saved_folder_from_another_working_directory(expert_dirs, tmp_path, monkeypatch):
-    folder = self_contained_mixture(expert_dirs, tmp_path / "mix")
+@pytest.mark.parametrize("name", ["./base_model", "base_model"])
+def test_tokenizer_of_a_saved_folder_from_another_working_directory(expert_dirs, tmp_path, monkeypatch, name):
+    folder = self_contained_mixture(expert_dirs, tmp_path / "mix", name)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     tokenizer = load_tokenizer(folder)  # the base model's, found inside the mixture, not in the cwd
     assert set(tokenizer.get_vocab()) == {"<unk>", "base", "words"}
+    assert isinstance(XLoraModel.from_pretrained(folder), XLoraModel)  # the model's base is found the same way
     word_tokenizer(["mixture", "own", "tokens"]).save_pretrained(folder)  # the mixture's own comes first
     assert "mixture" in load_tokenizer(folder).get_vocab()
     assert "mixture" in load_tokenizer(os.path.relpath(folder)).get_vocab()

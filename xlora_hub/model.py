@@ -693,7 +693,7 @@ class XLoraModel(nn.Module):
             force_download (`bool`, *optional*, defaults to `False`):
                 Download the mixture's and experts' files again even if cached.
             torch_dtype (`torch.dtype`, *optional*):
-                The dtype of the base model (and of the experts, unless float32 is asked for elsewhere).
+                The dtype the base model is loaded in (or cast to, when given); the experts follow it.
             device (`torch.device` or `str`, *optional*):
                 Where to move the model once built.
             device_map (`str` or `dict`, *optional*):

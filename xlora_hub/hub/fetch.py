@@ -17,7 +17,7 @@ from typing import Any
 from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, BaseModelRef, XLoraConfig
 from ..errors import ExpertNotFoundError, IncompatibleExpertError, InvalidMixtureError
 from ..paths import resolve_inside
-from ..refs import has_path_syntax, is_hub_repo_id
+from ..refs import has_path_syntax
 from ..staging import recover_folder
 from .api import clear_connection_errors
 from .experts import ADAPTER_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, safe_relative_path, snapshot_sha
@@ -175,15 +175,11 @@ def resolve_base_model_ref(source: MixtureSource) -> BaseModelRef:
     text = ref.repo_id
     if os.path.isabs(os.path.expanduser(text)) or text.startswith("~"):
         return ref
-    explicit = has_path_syntax(text) or ".." in PurePosixPath(text.replace("\\", "/")).parts
-    if explicit:
-        rel = safe_relative_path(text, what=f"Mixture {source.label}: base model path")
-    elif is_hub_repo_id(text):
-        rel = PurePosixPath(text)
-    else:
-        return ref
+    bare = PurePosixPath(text.replace("\\", "/"))
+    explicit = has_path_syntax(text) or ".." in bare.parts
+    rel = safe_relative_path(text, what=f"Mixture {source.label}: base model path") if explicit else bare
     folder = source.folder / rel
-    if folder.is_dir():
+    if os.path.isdir(folder):  # False, never an error, for a name the OS cannot stat
         folder = resolve_inside(source.folder, rel, what=f"Mixture {source.label}: base model folder")
         return BaseModelRef(repo_id=str(folder.resolve()), revision=None)
     if not explicit:
