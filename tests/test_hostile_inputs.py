@@ -32,13 +32,14 @@ from xlora_hub import (
     InvalidMixtureError,
     XLoraConfig,
     XLoraModel,
+    inspect_mixture,
+    load_mixture,
 )
 from xlora_hub.classifier import XLoraClassifier
 from xlora_hub.config import _RESERVED_NAMES, MAX_EXPERT_NAME_LENGTH, MAX_XLORA_DEPTH
 from xlora_hub.errors import short_repr
-from xlora_hub.hub import inspect_mixture, load_mixture
+from xlora_hub.hub import classifier_shapes
 from xlora_hub.jsonfile import MAX_JSON_BYTES, read_json_object
-from xlora_hub.mixture_format import classifier_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 IDS = torch.tensor([[1, 5, 9, 14, 27, 33]])

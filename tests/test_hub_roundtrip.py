@@ -30,8 +30,9 @@ from xlora_hub import (
     InvalidMixtureError,
     XLoraConfig,
     XLoraModel,
+    inspect_mixture,
+    load_mixture,
 )
-from xlora_hub.hub import inspect_mixture, load_mixture
 
 SHA = re.compile(r"^[0-9a-f]{40}$")
 IDS = torch.tensor([[1, 5, 9, 14, 27, 33, 60, 2], [1, 7, 7, 90, 3, 44, 12, 100]])

@@ -27,8 +27,9 @@ from xlora_hub import (
     UnsupportedFormatError,
     XLoraConfig,
     XLoraModel,
+    inspect_mixture,
+    load_mixture,
 )
-from xlora_hub.hub import inspect_mixture, load_mixture
 
 IDS = torch.tensor([[1, 5, 9, 14, 27, 33, 60, 2], [1, 7, 7, 90, 3, 44, 12, 100]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -219,6 +220,22 @@ def test_trained_experts_are_saved_with_the_mixture(expert_dirs, tmp_path):
     original = make_mixture(expert_dirs)
     original.classifier.load_state_dict(loaded.classifier.state_dict())
     assert (logits(original) - trained).abs().max() > 1e-3
+
+
+def test_trained_expert_files_have_peft_keys_and_the_model_keeps_its_wrappers(expert_dirs, tmp_path):
+    """Trained experts are exported with peft's own get_peft_model_state_dict: the same keys, shapes and config
+    peft wrote for the original adapters; the X-LoRA layers are back in place after the export."""
+    model = make_mixture(expert_dirs, use_trainable_adapters=True)
+    out = model.save_pretrained(tmp_path / "mix")
+    for name, original in expert_dirs.items():
+        with safe_open(str(original / "adapter_model.safetensors"), framework="pt") as f:
+            expected = {key: f.get_slice(key).get_shape() for key in f.keys()}
+        with safe_open(str(out / "experts" / name / "adapter_model.safetensors"), framework="pt") as f:
+            saved = {key: f.get_slice(key).get_shape() for key in f.keys()}
+        assert saved == expected, name
+    assert all(model.model.get_submodule(layer.module_name) is layer for layer in model.xlora_layers)
+    assert not [n for n, m in model.model.named_modules() if isinstance(m, LoraLayer)]  # wrappers, not peft layers
+    torch.testing.assert_close(logits(load_mixture(out, base_model=tiny_llama())), logits(model), rtol=0, atol=1e-6)
 
 
 def test_classifier_metadata_and_model_card(expert_dirs, tmp_path):

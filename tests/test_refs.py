@@ -46,6 +46,11 @@ def test_a_stored_hub_id_does_not_depend_on_the_working_directory(tmp_path, monk
     assert not is_local_argument("my-org/other")
 
 
+@pytest.mark.parametrize("value", ["!" * 5000, "bad\0name"])
+def test_a_name_the_os_cannot_stat_is_not_local(value):
+    assert not is_local_argument(value)  # not an OSError / ValueError from stat()
+
+
 def test_hub_urls_on_the_configured_endpoint():
     assert hub_url("o/r", endpoint="https://hf.example/") == "https://hf.example/o/r"
     assert hub_url("o/r", revision="a" * 40, endpoint="https://h") == f"https://h/o/r/tree/{'a' * 40}"

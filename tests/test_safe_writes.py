@@ -23,9 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from factories import save_expert, tiny_llama
 from test_cli import assert_user_error, make_world, run
 
-from xlora_hub import InvalidConfigError, XLoraConfig, XLoraModel
+from xlora_hub import InvalidConfigError, XLoraConfig, XLoraModel, load_mixture
 from xlora_hub.convert import export_mistralrs, export_peft
-from xlora_hub.hub import load_mixture
 from xlora_hub.staging import stale_leftovers
 
 TARGETS = ["q_proj", "v_proj"]

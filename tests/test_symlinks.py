@@ -23,8 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from factories import save_expert, tiny_llama
 from test_cli import assert_user_error
 
-from xlora_hub import BaseModelRef, InvalidMixtureError, XLoraConfig, XLoraModel
-from xlora_hub.hub import load_mixture
+from xlora_hub import BaseModelRef, InvalidMixtureError, XLoraConfig, XLoraModel, load_mixture
 from xlora_hub.paths import resolve_inside
 from xlora_hub.space import read_model_card
 

@@ -29,7 +29,7 @@ _LAZY = {
     "inspect_mixture": "hub",
     "MixtureSummary": "hub",
     "ExpertSummary": "hub",
-    "load_mixture": "hub",
+    "load_mixture": "model",
     "train_classifier": "training",
     "XLoraTrainer": "training",
     "load_demo_mixture": "demo_mixture",
@@ -39,8 +39,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .cache import XLoraCache
     from .classifier import XLoraClassifier
     from .demo_mixture import load_demo_mixture
-    from .hub import ExpertSummary, MixtureSummary, inspect_mixture, load_mixture
-    from .model import XLoraModel
+    from .hub import ExpertSummary, MixtureSummary, inspect_mixture
+    from .model import XLoraModel, load_mixture
     from .training import XLoraTrainer, train_classifier
 
 

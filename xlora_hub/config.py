@@ -12,7 +12,6 @@ import json
 import keyword
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +19,13 @@ from typing import Any
 
 from .errors import InvalidConfigError, UnsupportedFormatError, short_repr
 from .jsonfile import read_json_object
+from .refs import is_commit_sha, is_hub_repo_id, is_local_argument
 
 FORMAT_VERSION = 1
 """Version of the ``xlora_config.json`` layout written by this release."""
 
 CONFIG_NAME = "xlora_config.json"
 CLASSIFIER_WEIGHTS_NAME = "xlora_classifier.safetensors"
-
-_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 # Bounds on what a config may ask for, checked before anything is built or allocated: a config is a few
 # hundred bytes, so without them a stranger's file could ask for a classifier of any size.
@@ -121,15 +119,6 @@ def check_classifier_size(
         )
 
 
-def _is_local_path_string(value: str) -> bool:
-    return (
-        value.startswith(("./", "../", "/", "~"))
-        or value in (".", "..")
-        or os.path.isabs(value)
-        or os.path.isdir(os.path.expanduser(value))
-    )
-
-
 @dataclass(frozen=True)
 class ExpertRef:
     """Where a LoRA expert lives: a Hub repo (optionally pinned) or a local folder.
@@ -167,14 +156,14 @@ class ExpertRef:
     @property
     def is_pinned(self) -> bool:
         """True when the ref names an exact commit, so it can never change under its users."""
-        return self.revision is not None and bool(_SHA_RE.match(self.revision))
+        return is_commit_sha(self.revision)
 
     @classmethod
     def parse(cls, value: str | os.PathLike[str] | Mapping[str, Any] | ExpertRef) -> ExpertRef:
         """Build a ref from ``owner/name[@revision][:subfolder]``, a local folder, or a dict.
 
-        A string that starts with ``./``, ``../``, ``/`` or ``~``, or names an existing folder, is a
-        local path. Anything else is a Hub repo id.
+        A string read as a user argument (:func:`xlora_hub.refs.is_local_argument`: path syntax such as ``./``,
+        ``../``, ``/`` or ``~``, or an existing folder) is a local path. Anything else is a Hub repo id.
         """
         if isinstance(value, ExpertRef):
             return value
@@ -195,7 +184,7 @@ class ExpertRef:
                 "Example: 'my-org/lora-math@main:adapters/math' or './experts/math'."
             )
         value = value.strip()
-        if _is_local_path_string(value):
+        if is_local_argument(value):
             return cls(path=value)
         spec, subfolder = value, None
         if ":" in spec:
@@ -206,7 +195,7 @@ class ExpertRef:
             spec, revision = spec.split("@", 1)
             if not revision:
                 raise InvalidConfigError(f"Expert reference {short_repr(value)} has an empty revision after '@'.")
-        if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", spec or ""):
+        if not is_hub_repo_id(spec):
             raise InvalidConfigError(
                 f"Expert reference {short_repr(value)} is neither an existing local folder nor a valid Hub repo id "
                 "('owner/name', optionally '@revision' and ':subfolder'). For a local folder, start it with './'."

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 __all__ = [
     "has_path_syntax",
@@ -62,8 +61,12 @@ def is_stored_hub_id(value: object) -> bool:
 
 
 def is_local_argument(value: str | os.PathLike[str]) -> bool:
-    """How a *user-typed* argument is read: an existing file or folder, or path syntax, is local."""
-    return has_path_syntax(value) or Path(os.fspath(value)).expanduser().exists()
+    """How a *user-typed* argument is read: an existing file or folder, or path syntax, is local.
+
+    ``os.path.exists`` answers ``False`` for a name the OS cannot even stat (too long, a NUL byte) rather than
+    raising, so a hostile argument reads as "not local" and is then refused as a repo id with a clear message.
+    """
+    return has_path_syntax(value) or os.path.exists(os.path.expanduser(os.fspath(value)))
 
 
 def hub_url(
