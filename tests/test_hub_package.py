@@ -191,16 +191,11 @@ def _runtime_imports(path: Path) -> list[tuple[str, int]]:
     return found
 
 
-# ``xlora_hub.hub.load_mixture`` forwards to the model layer until cli.py and convert.py import it from there.
-TRANSITIONAL = {("__init__.py", "xlora_hub.model")}
-
-
 def test_the_hub_package_never_imports_the_model_at_run_time():
     offenders = [
         f"{path.name}:{line} imports {module}"
         for path in sorted(HUB_ROOT.glob("*.py"))
         for module, line in _runtime_imports(path)
         if module.startswith(("xlora_hub.model", "xlora_hub.cli", "xlora_hub.space", "xlora_hub.convert"))
-        and (path.name, module) not in TRANSITIONAL
     ]
     assert not offenders

@@ -218,9 +218,9 @@ def test_the_pushed_space_runs(hub, mixture_repo, tmp_path):
             except TimeoutError:
                 continue
         assert proc.poll() is None, (tmp_path / "space.log").read_text()[-3000:]
-        from xlora_hub.space import load_tokenizer
+        from xlora_hub.hub import load_tokenizer
 
-        tokenizer = load_tokenizer(repo, model)
+        tokenizer = load_tokenizer(repo)
         text = predict(client(url), "pushed", max_new_tokens=6, compare_base=False)[0]
         assert text == reference(model, tokenizer, "pushed", 6)["text"]
     finally:

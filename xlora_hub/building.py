@@ -22,8 +22,8 @@ from torch import nn
 
 from .config import BaseModelRef, XLoraConfig
 from .errors import IncompatibleExpertError, InvalidConfigError, InvalidMixtureError
-from .experts import ResolvedExpert, cached_commit_sha, check_expert_matches_model, resolve_expert
 from .finite import first_non_finite
+from .hub import ResolvedExpert, cached_commit_sha, check_expert_matches_model, resolve_expert
 from .layers import RoutingState, XLoraLayer, supported_lora_layers, wrap_lora_layer
 from .placement import absolute_offload_paths, peft_writes_inside
 from .quantization import compute_dtype, describe_quantization, is_quantized_tensor

@@ -43,8 +43,8 @@ from .cache import CACHE_ARGUMENTS, XLoraCache
 from .classifier import XLoraClassifier
 from .config import ExpertRef, XLoraConfig
 from .errors import InvalidMixtureError
-from .experts import ResolvedExpert
 from .generation import Decoder, supports_cache
+from .hub import ResolvedExpert
 from .layers import RoutingState, XLoraLayer
 from .placement import hidden_state_device, move_base_model, offload_kwargs
 from .quantization import compute_dtype

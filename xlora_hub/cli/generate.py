@@ -47,7 +47,7 @@ def _use_color(choice: str) -> bool:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate from the prompt; print the text, then with ``--show-routing`` each token's expert."""
     model = load_model(args, args.mixture)
-    tokenizer = load_tokenizer(model, args)
+    tokenizer = load_tokenizer(args)
     gen_kwargs: dict[str, Any] = {"do_sample": args.sample, "routing": args.routing}
     if args.sample:
         import torch

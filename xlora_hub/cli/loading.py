@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..refs import is_local_argument
 from .options import hub_kwargs, torch_dtype
 
 
@@ -22,31 +21,22 @@ def load_model(args: argparse.Namespace, mixture: str):
     )
 
 
-def load_tokenizer(model: Any, args: argparse.Namespace):
-    """The tokenizer of the mixture's base model (or ``--tokenizer``), with the same Hub options."""
-    # TODO(R1): hub.load_tokenizer (the one loader: mixture folder first, then the base model)
-    from transformers import AutoTokenizer
+def load_tokenizer(args: argparse.Namespace):
+    """``--tokenizer`` if given, else the mixture's: its own folder or repo first, then its base model.
 
+    One loader for the CLI, the Space and the library (:func:`xlora_hub.hub.load_tokenizer`), so a saved mixture
+    folder whose config names ``./base_model`` finds it from any working directory.
+    """
     from ..errors import InvalidMixtureError
+    from ..hub import load_tokenizer as hub_load_tokenizer
 
     override = getattr(args, "tokenizer", None)
-    base = model.xlora_config.base_model
-    if override:
-        name, revision = override, None
-    elif base is not None:
-        name, revision = base.repo_id, (None if is_local_argument(base.repo_id) else base.revision)
-    else:
-        raise InvalidMixtureError("The mixture names no base model to take the tokenizer from; pass --tokenizer.")
     try:
-        return AutoTokenizer.from_pretrained(name, revision=revision, **hub_kwargs(args))
-    except (OSError, ValueError) as err:
-        from ..redact import redact
-
-        why = redact(" ".join(str(err).split()), [args.token])[:160]  # redacted before it is cut
-        raise InvalidMixtureError(
-            f"No tokenizer could be loaded from {name!r} ({why}). Pass --tokenizer "
-            "with a Hub repo id or folder that has one."
-        ) from err
+        if override:
+            return hub_load_tokenizer(override, **hub_kwargs(args))
+        return hub_load_tokenizer(args.mixture, revision=getattr(args, "revision", None), **hub_kwargs(args))
+    except InvalidMixtureError as err:
+        raise InvalidMixtureError(f"{err} Or pass --tokenizer with a Hub repo id or folder that has one.") from None
 
 
 def load_base_model(args: argparse.Namespace, ref: Any):

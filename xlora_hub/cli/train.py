@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.eval_data:
         load_examples(args.eval_data)
     model = load_model(args, args.mixture)
-    tokenizer = load_tokenizer(model, args)
+    tokenizer = load_tokenizer(args)
     result = train_classifier(
         model,
         args.data,  # read again by the library, so its errors name the file and line

@@ -15,7 +15,8 @@ from torch import nn
 from ..config import BaseModelRef
 from ..error_messages import format_error
 from ..errors import InvalidConfigError
-from ..hub import load_base_model, load_mixture
+from ..hub import load_base_model
+from ..model import load_mixture
 from .common import LoadOptions
 from .detect import source_folder
 from .importing import import_mixture

@@ -20,9 +20,8 @@ from torch import nn
 
 from ..config import XLoraConfig
 from ..errors import InvalidConfigError, InvalidMixtureError, UnsupportedFormatError
-from ..experts import PICKLE_WEIGHTS_NAME
 from ..finite import check_finite_tensors
-from ..hub import load_base_model, read_classifier_header
+from ..hub import PICKLE_WEIGHTS_NAME, load_base_model, read_classifier_header
 from ..jsonfile import read_json_object
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config import CONFIG_NAME, ExpertRef
 from ..errors import ExpertNotFoundError, InvalidConfigError, InvalidMixtureError, UnsupportedFormatError
-from ..experts import ADAPTER_CONFIG_NAME, safe_relative_path
+from ..hub import ADAPTER_CONFIG_NAME, safe_relative_path
 from ..refs import has_path_syntax
 from .common import FORMAT_ORIGINAL, FORMAT_PEFT, FORMAT_XLORA_HUB, FORMATS, LoadOptions, read_json
 

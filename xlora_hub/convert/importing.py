@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidConfigError
-from ..hub import load_mixture
+from ..model import load_mixture
 from .common import FORMAT_PEFT, FORMAT_XLORA_HUB, LoadOptions, build
 from .detect import source_folder
 from .original import read_original

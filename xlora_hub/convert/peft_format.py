@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidConfigError, InvalidMixtureError, UnsupportedFormatError
-from ..experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from ..hub import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from .common import (
     SHARED_SETTINGS,
     ForeignCheckpoint,

@@ -20,8 +20,6 @@ itself. Modules, one job each:
 
 from __future__ import annotations
 
-from typing import Any
-
 from .api import clear_connection_errors, hub_api, hub_connection_error, hub_endpoint, transport_errors
 from .card import make_model_card
 from .expert_checks import (
@@ -62,20 +60,6 @@ from .push import expert_repo_id, push_mixture
 from .save import ExpertPlan, bundled_names, plan_experts, save_mixture, write_expert_files, write_mixture
 from .summary import ExpertSummary, MixtureSummary, inspect_mixture
 from .tokenizer import load_tokenizer
-
-
-def __getattr__(name: str) -> Any:
-    """``xlora_hub.hub.load_mixture``, kept until cli.py and convert.py import it from the model layer.
-
-    ``load_mixture`` builds a model, so it lives in :mod:`xlora_hub.model` (``xlora_hub.load_mixture``); this
-    lazy forward (a hub -> model import) is transitional and goes when its last callers move.
-    """
-    if name == "load_mixture":
-        from ..model import load_mixture
-
-        return load_mixture
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",

@@ -21,7 +21,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .launch import MAX_UPLOAD_BYTES, launch_demo, load_app_module, spaces_app_dir
-from .load import DemoMixture, load_demo, load_tokenizer
+from .load import DemoMixture, load_demo
 from .page import (
     ExpertInfo,
     display_name,
@@ -82,7 +82,6 @@ __all__ = [
     "launch_demo",
     "load_app_module",
     "load_demo",
-    "load_tokenizer",
     "local_label",
     "model_card_summary",
     "push_space",

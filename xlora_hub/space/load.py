@@ -15,9 +15,10 @@ from typing import Any
 
 from ..error_messages import format_error
 from ..errors import InvalidMixtureError
+from ..hub import load_tokenizer
 from .page import read_model_card
 
-__all__ = ["DemoMixture", "load_demo", "load_tokenizer", "load_error"]
+__all__ = ["DemoMixture", "load_demo", "load_error"]
 
 
 @dataclass
@@ -73,33 +74,6 @@ def load_error(
     return InvalidMixtureError(f"Cannot load the mixture {where}: {why}")
 
 
-def load_tokenizer(
-    mixture: str | os.PathLike[str], model: Any, *, revision: str | None = None, token: str | bool | None = None
-):
-    """The tokenizer saved with the mixture, else the base model's."""
-    # TODO(R1): hub.load_tokenizer
-    from transformers import AutoTokenizer
-
-    candidates: list[tuple[str, str | None]] = [(str(mixture), revision)]
-    base = getattr(model.xlora_config, "base_model", None)
-    if base is not None:
-        candidates.append((base.repo_id, base.revision))
-    last: BaseException | None = None
-    for name, rev in candidates:
-        try:
-            return AutoTokenizer.from_pretrained(name, revision=rev, token=token)
-        except Exception as err:  # noqa: BLE001 - transformers raises many types for "no tokenizer here"
-            last = err
-    from ..redact import redact
-
-    names = " or ".join(repr(name) for name, _ in candidates)
-    why = redact(" ".join(str(last).split()), [token])[:200]  # redacted before it is cut
-    raise InvalidMixtureError(
-        f"No tokenizer found in {names} ({why}). Save one next to the mixture with "
-        "`tokenizer.save_pretrained(mixture_folder)`."
-    )
-
-
 def _demo_card() -> tuple[str, list[str]]:
     """What the page says about the embedded default mixture, and one example prompt per expert."""
     import random
@@ -152,6 +126,6 @@ def load_demo(
         )
     name = str(mixture)
     model = _load_model(name, revision=revision, token=token)
-    tokenizer = load_tokenizer(name, model, revision=revision, token=token)
+    tokenizer = load_tokenizer(name, revision=revision, token=token)
     card = read_model_card(name, revision=revision, token=token)
     return DemoMixture(model=model, tokenizer=tokenizer, name=name, revision=revision, card=card)
