@@ -403,3 +403,27 @@ def test_exit_codes_of_a_real_process(tmp_path):
     assert result.stdout == "" and "hf_secret_never_printed" not in result.stderr
     usage = subprocess.run([sys.executable, "-m", "xlora_hub", "create"], capture_output=True, text=True, timeout=300)
     assert usage.returncode == 2 and "usage: xlora-hub create" in usage.stderr and "Traceback" not in usage.stderr
+
+
+def test_generate_on_a_self_contained_folder_from_another_directory(world, mixture, tmp_path, capsys, monkeypatch):
+    # The embedded demo's layout: the base model (and its tokenizer) inside the mixture as ./base_model. The
+    # tokenizer is found there, not in the working directory (issue 11: one tokenizer loader).
+    folder = tmp_path / "selfcontained"
+    shutil.copytree(mixture, folder)
+    shutil.copytree(world.base, folder / "base_model")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["base_model"] = {"repo_id": "./base_model"}
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run(capsys, "generate", folder, "2+1=", "--max-new-tokens", "4")
+    assert code == 0, err
+
+    from transformers import AutoTokenizer
+
+    model = XLoraModel.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(world.base)
+    encoded = tokenizer("2+1=", return_tensors="pt")
+    output = model.generate(**encoded, max_new_tokens=4, do_sample=False)
+    assert out.splitlines()[0] == tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
