@@ -36,7 +36,7 @@ from xlora_hub import (
     load_mixture,
 )
 from xlora_hub.classifier import XLoraClassifier
-from xlora_hub.config import _RESERVED_NAMES, MAX_EXPERT_NAME_LENGTH, MAX_XLORA_DEPTH
+from xlora_hub.config_checks import _RESERVED_NAMES, MAX_EXPERT_NAME_LENGTH, MAX_XLORA_DEPTH
 from xlora_hub.errors import short_repr
 from xlora_hub.hub import classifier_shapes
 from xlora_hub.jsonfile import MAX_JSON_BYTES, read_json_object

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import XLoraConfig, check_classifier_size
+from .config import XLoraConfig
+from .config_checks import check_classifier_size
 
 
 class XLoraClassifier(nn.Module):

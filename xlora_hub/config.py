@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import keyword
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config_checks import (
+    MAX_EXPERTS,
+    check_expert_name,
+    check_settings,
+)
 from .errors import InvalidConfigError, UnsupportedFormatError, short_repr
 from .jsonfile import read_json_object
 from .refs import is_commit_sha, is_hub_repo_id, is_local_argument
@@ -26,97 +29,6 @@ FORMAT_VERSION = 1
 
 CONFIG_NAME = "xlora_config.json"
 CLASSIFIER_WEIGHTS_NAME = "xlora_classifier.safetensors"
-
-# Bounds on what a config may ask for, checked before anything is built or allocated: a config is a few
-# hundred bytes, so without them a stranger's file could ask for a classifier of any size.
-MAX_EXPERTS = 1024
-MAX_LAYERS = 16384
-MAX_XLORA_DEPTH = 64
-MAX_XLORA_SIZE = 65536
-MAX_HIDDEN_SIZE = 131072
-MAX_CLASSIFIER_PARAMETERS = 2**30
-"""At most ~1.07e9 classifier parameters (4 GiB in float32); real mixtures have a few million."""
-MIN_SOFTMAX_TEMPERATURE = 1e-3
-"""Below this the logits divided by the temperature overflow (inf, then NaN scalings) in half precision."""
-MAX_SCALING = 1e4
-"""Largest magnitude of `global_scaling_weight` and `scaling_pass_value`: beyond it the outputs overflow."""
-MAX_EXPERT_NAME_LENGTH = 64
-
-# Attributes of the objects an expert name is set on (torch's nn.Module / nn.ModuleDict, through peft's
-# ModuleDicts and plain dicts of adapter values): such a name passes as an identifier but fails or shadows
-# a method in torch. Kept here so this module stays torch-free; tests check it covers torch's and peft's.
-_RESERVED_NAMES = frozenset(
-    """
-    T_destination add_module apply bfloat16 buffers call_super_init children clear compile copy cpu cuda
-    double dump_patches eval extra_repr float forward fromkeys get get_buffer get_extra_state get_parameter
-    get_submodule half ipu items keys load_state_dict modules mtia named_buffers named_children named_modules
-    named_parameters parameters pop popitem register_backward_hook register_buffer
-    register_forward_hook register_forward_pre_hook register_full_backward_hook
-    register_full_backward_pre_hook register_load_state_dict_post_hook register_load_state_dict_pre_hook
-    register_module register_parameter register_state_dict_post_hook register_state_dict_pre_hook
-    requires_grad_ set_extra_state set_submodule setdefault share_memory smart_apply state_dict to to_empty
-    train training type update values xpu zero_grad
-    """.split()
-)
-
-
-def check_expert_name(name: Any, *, what: str = "Expert name") -> str:
-    """The one check for an expert name, which becomes a module attribute, a dict key and a folder name.
-
-    A Python identifier (not a keyword, not starting with '_'), at most ``MAX_EXPERT_NAME_LENGTH``
-    characters, and not an attribute of ``nn.Module`` / ``nn.ModuleDict`` / ``dict`` (``keys``,
-    ``forward``, ``training``...), which torch and peft would refuse or confuse with a method.
-    """
-    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
-        raise InvalidConfigError(
-            f"{what} {short_repr(name, limit=80)} is not a valid identifier; use letters, digits and '_' "
-            "(for example 'math' or 'code_v2')."
-        )
-    if len(name) > MAX_EXPERT_NAME_LENGTH:
-        raise InvalidConfigError(
-            f"{what} {short_repr(name, limit=80)} has {len(name)} characters; the limit is "
-            f"{MAX_EXPERT_NAME_LENGTH} (it becomes a folder name and a module attribute). Use a shorter name."
-        )
-    if name.startswith("_") or name in _RESERVED_NAMES:
-        raise InvalidConfigError(
-            f"{what} {name!r} is reserved: it is an attribute of torch's module dicts (or starts with '_'), "
-            f"so torch and peft cannot use it as an adapter name. Rename it, for example {name.strip('_') + '_expert'!r}."
-        )
-    return name
-
-
-def classifier_parameter_count(config: XLoraConfig, *, hidden_size: int, n_layers: int, n_experts: int) -> int:
-    """Parameters of the classifier a config describes, by arithmetic (nothing is built)."""
-    out_features = n_experts * n_layers if config.layerwise_scalings else n_experts
-    if config.xlora_depth <= 1:
-        return hidden_size * out_features + out_features
-    size = config.xlora_size
-    first = hidden_size * size + size
-    middle = (config.xlora_depth - 2) * (size * size + size)
-    return first + middle + size * out_features + out_features
-
-
-def check_classifier_size(
-    config: XLoraConfig, *, hidden_size: int, n_layers: int, n_experts: int, source: str = "config"
-) -> None:
-    """Refuse a classifier larger than the bounds above, before it is built or its shapes are listed."""
-    for field_name, value, limit in (
-        ("hidden_size", hidden_size, MAX_HIDDEN_SIZE),
-        ("n_layers", n_layers, MAX_LAYERS),
-        ("n_experts", n_experts, MAX_EXPERTS),
-    ):
-        if value > limit:
-            raise InvalidConfigError(
-                f"{source}: `{field_name}` is {value:,d}, above the limit of {limit:,d}; this is not a mixture "
-                "xlora-hub can build."
-            )
-    count = classifier_parameter_count(config, hidden_size=hidden_size, n_layers=n_layers, n_experts=n_experts)
-    if count > MAX_CLASSIFIER_PARAMETERS:
-        raise InvalidConfigError(
-            f"{source}: the classifier would have {count:,d} parameters (xlora_depth={config.xlora_depth}, "
-            f"xlora_size={config.xlora_size}, hidden_size={hidden_size}, {n_layers} layers, {n_experts} experts), "
-            f"above the limit of {MAX_CLASSIFIER_PARAMETERS:,d}. Lower `xlora_size` or `xlora_depth`."
-        )
 
 
 @dataclass(frozen=True)
@@ -247,21 +159,6 @@ class BaseModelRef:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-_BOOL_FIELDS = ("enable_softmax", "enable_softmax_topk", "layerwise_scalings", "use_trainable_adapters")
-_INT_FIELDS = ("xlora_depth", "xlora_size")
-_FLOAT_FIELDS = ("softmax_temperature", "xlora_dropout_p", "global_scaling_weight")
-
-
-def _check_finite(name: str, value: int | float) -> None:
-    """Refuse NaN, infinities and integers too large for a float: each gives NaN logits downstream."""
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int beyond float range
-        finite = False
-    if not finite:
-        raise InvalidConfigError(f"`{name}` must be a finite number, got {short_repr(value, limit=40)}.")
-
-
 @dataclass
 class XLoraConfig:
     """Settings of an X-LoRA mixture. Field names and defaults follow ``peft.XLoraConfig``.
@@ -345,86 +242,9 @@ class XLoraConfig:
         """Check every field; raise :class:`InvalidConfigError` naming the first bad one.
 
         Numbers must be finite and within sane bounds (a NaN temperature or an infinite weight gives NaN
-        logits), and the classifier's size is bounded before anything is built.
+        logits), and the classifier's size is bounded before anything is built (:mod:`xlora_hub.config_checks`).
         """
-        n = len(self.experts) if n_experts is None else n_experts
-        if n == 0:
-            raise InvalidConfigError("An X-LoRA mixture needs at least one expert; `experts` is empty.")
-        for name in _BOOL_FIELDS:
-            if not isinstance(getattr(self, name), bool):
-                raise InvalidConfigError(f"`{name}` must be true or false, got {short_repr(getattr(self, name))}.")
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidConfigError(f"`{name}` must be an integer, got {short_repr(value)}.")
-        for name in _FLOAT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InvalidConfigError(f"`{name}` must be a number, got {short_repr(value)}.")
-            _check_finite(name, value)
-        if self.hidden_size is not None and (
-            isinstance(self.hidden_size, bool) or not isinstance(self.hidden_size, int) or self.hidden_size <= 0
-        ):
-            raise InvalidConfigError(f"`hidden_size` must be a positive integer, got {short_repr(self.hidden_size)}.")
-        if self.xlora_depth <= 0:
-            raise InvalidConfigError(f"`xlora_depth` must be at least 1, got {self.xlora_depth}.")
-        if self.xlora_size <= 0:
-            raise InvalidConfigError(f"`xlora_size` must be at least 1, got {self.xlora_size}.")
-        for name, limit in (("xlora_depth", MAX_XLORA_DEPTH), ("xlora_size", MAX_XLORA_SIZE)):
-            if getattr(self, name) > limit:
-                raise InvalidConfigError(
-                    f"`{name}` is {short_repr(getattr(self, name), limit=40)}, above the limit of {limit:,d}; "
-                    "real classifiers have a depth of 1 to 4 and a width of a few thousand."
-                )
-        if not 0.0 <= self.xlora_dropout_p < 1.0:
-            raise InvalidConfigError(f"`xlora_dropout_p` must be in [0, 1), got {self.xlora_dropout_p}.")
-        if self.softmax_temperature <= 0:
-            raise InvalidConfigError(
-                f"`softmax_temperature` must be > 0, got {self.softmax_temperature}; lower values give sharper routing."
-            )
-        if self.softmax_temperature < MIN_SOFTMAX_TEMPERATURE:
-            raise InvalidConfigError(
-                f"`softmax_temperature` is {self.softmax_temperature}, below the minimum of {MIN_SOFTMAX_TEMPERATURE} "
-                "(the scaled logits would overflow to NaN); for hard routing use `top_k_lora=1`."
-            )
-        if abs(self.global_scaling_weight) > MAX_SCALING:
-            raise InvalidConfigError(
-                f"`global_scaling_weight` is {self.global_scaling_weight}, beyond ±{MAX_SCALING:g}; the outputs "
-                "would overflow. Typical values are 0 to 2."
-            )
-        if self.top_k_lora is not None:
-            if isinstance(self.top_k_lora, bool) or not isinstance(self.top_k_lora, int):
-                raise InvalidConfigError(f"`top_k_lora` must be an integer or null, got {short_repr(self.top_k_lora)}.")
-            if not 1 <= self.top_k_lora <= n:
-                raise InvalidConfigError(
-                    f"`top_k_lora` must be between 1 and the number of experts ({n}), "
-                    f"got {short_repr(self.top_k_lora, limit=40)}."
-                )
-        if self.enable_softmax_topk and self.top_k_lora is None:
-            raise InvalidConfigError("`enable_softmax_topk=True` needs `top_k_lora` to be set (for example 2).")
-        if self.scaling_pass_value is not None:
-            if isinstance(self.scaling_pass_value, bool) or not isinstance(self.scaling_pass_value, (int, float)):
-                raise InvalidConfigError(
-                    "`scaling_pass_value` must be a number or null (1/n_experts), "
-                    f"got {short_repr(self.scaling_pass_value)}."
-                )
-            _check_finite("scaling_pass_value", self.scaling_pass_value)
-            if abs(self.scaling_pass_value) > MAX_SCALING:
-                raise InvalidConfigError(
-                    f"`scaling_pass_value` is {self.scaling_pass_value}, beyond ±{MAX_SCALING:g}; the scaling pass "
-                    "would overflow. Typical values are 0 or 1/n_experts (null)."
-                )
-        if self.layer_names is not None:
-            if not isinstance(self.layer_names, list) or not all(isinstance(x, str) for x in self.layer_names):
-                raise InvalidConfigError("`layer_names` must be a list of module names (strings).")
-            if len(self.layer_names) > MAX_LAYERS:
-                raise InvalidConfigError(
-                    f"`layer_names` lists {len(self.layer_names):,d} layers, above the limit of {MAX_LAYERS:,d}."
-                )
-        if self.hidden_size is not None:
-            check_classifier_size(
-                self, hidden_size=self.hidden_size, n_layers=len(self.layer_names or [None]), n_experts=n
-            )
+        check_settings(self, n_experts=len(self.experts) if n_experts is None else n_experts)
 
     # ------------------------------------------------------------------ convenience
     @property

@@ -13,7 +13,8 @@ from typing import Any
 
 from safetensors import safe_open
 
-from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, FORMAT_VERSION, XLoraConfig, check_classifier_size
+from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, FORMAT_VERSION, XLoraConfig
+from ..config_checks import check_classifier_size
 from ..errors import InvalidConfigError, InvalidMixtureError, UnsupportedFormatError, short_repr
 from ..jsonfile import read_json_object
 from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, safe_relative_path
