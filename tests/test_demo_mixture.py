@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from xlora_hub import XLoraModel
-from xlora_hub.demo_mixture import (
+from xlora_hub.demo import (
     BUILD_INFO_NAME,
     REFERENCE_WEIGHTS_SHA256,
     TASKS,
@@ -195,12 +195,12 @@ def test_canonical_header_does_not_depend_on_metadata_order(tmp_path):
 
 
 def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
-    import xlora_hub.demo_mixture as demo
+    import xlora_hub.demo.build as demo_build
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "_train_classifier", interrupted)
+    monkeypatch.setattr(demo_build, "_train_classifier", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_demo_mixture(cache_dir=tmp_path, recipe=SMALL, progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ import transformers as tf
 from factories import save_expert
 
 from xlora_hub import XLoraConfig, XLoraModel
-from xlora_hub.demo_mixture import build_tokenizer
+from xlora_hub.demo import build_tokenizer
 from xlora_hub.training import evaluate_loss
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_with_trainer.py"

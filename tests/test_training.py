@@ -23,7 +23,7 @@ from xlora_hub.data import (
     load_examples,
     tokenize_dataset,
 )
-from xlora_hub.demo_mixture import build_tokenizer
+from xlora_hub.demo import build_tokenizer
 from xlora_hub.training import (
     SaveMixtureCallback,
     XLoraTrainer,
@@ -312,3 +312,30 @@ def test_xlora_trainer_routing_loss_save_and_resume(tmp_path, expert_dirs, route
     assert again.state.global_step == 40
     resumed.eval()
     torch.testing.assert_close(_logits(resumed, held_out), _logits(model, held_out), rtol=0, atol=1e-5)
+
+
+def test_train_classifier_takes_the_field_names_as_one_value(expert_dirs, char_tokenizer):
+    from xlora_hub.data import Fields
+
+    renamed = [{"q": f"up:{w}=", "a": w.upper(), "who": f"e{k % 2}"} for k, w in enumerate(["ab", "cd", "ef", "gh"])]
+    options = dict(tokenizer=char_tokenizer, epochs=2, lr=1e-2, batch_size=2, routing_loss_weight=1.0, progress=False)
+    runs = []
+    model = mixture(expert_dirs)
+    runs.append(
+        (train_classifier(model, renamed, fields=Fields(prompt="q", completion="a", label="who"), **options), model)
+    )
+    model = mixture(expert_dirs)
+    with pytest.warns(DeprecationWarning, match=r"fields=xlora_hub\.data\.Fields"):  # the CLI's spelling still works
+        legacy = train_classifier(model, renamed, prompt_field="q", completion_field="a", label_field="who", **options)
+    runs.append((legacy, model))
+    (first, first_model), (second, second_model) = runs
+    assert first.steps == 4 and first.train_losses == second.train_losses and len(first.routing_losses) == 4
+    assert all(
+        torch.equal(v, second_model.classifier.state_dict()[k]) for k, v in first_model.classifier.state_dict().items()
+    )
+    with pytest.raises(DataFormatError, match="no `text` field and no `prompt`/`completion` fields"):
+        train_classifier(mixture(expert_dirs), renamed, **options)  # the default names do not read these examples
+    with pytest.raises(ValueError, match="either as fields=Fields"):
+        train_classifier(mixture(expert_dirs), renamed, fields=Fields(prompt="q"), prompt_field="q", **options)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['prompt_fields'\\]"):
+        train_classifier(mixture(expert_dirs), renamed, prompt_fields="q", **options)

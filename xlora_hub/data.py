@@ -221,13 +221,15 @@ def tokenize_dataset(
     prompt_field: str = "prompt",
     completion_field: str = "completion",
     label_field: str = "expert",
+    fields: Fields | None = None,
     label_names: Sequence[str] | None = None,
     add_eos: bool = True,
 ) -> TokenizedDataset:
     """Load (see :func:`load_examples`) and tokenise every example (see :func:`tokenize_example`).
 
-    Pass ``label_names`` (the mixture's expert names) to keep each example's expert as a routing label.
-    A :class:`TokenizedDataset` is returned unchanged.
+    ``fields`` names the fields in one value (it replaces the four ``*_field`` keywords, which then stay
+    at their defaults). Pass ``label_names`` (the mixture's expert names) to keep each example's expert
+    as a routing label. A :class:`TokenizedDataset` is returned unchanged.
     """
     if isinstance(data, TokenizedDataset):
         return data
@@ -235,7 +237,10 @@ def tokenize_dataset(
     if tokenizer is None:
         raise DataFormatError("A tokenizer is needed to tokenise the examples; pass `tokenizer=`.")
     source = str(data) if isinstance(data, (str, os.PathLike)) else "dataset"
-    fields = Fields(text=text_field, prompt=prompt_field, completion=completion_field, label=label_field)
+    spelled = Fields(text=text_field, prompt=prompt_field, completion=completion_field, label=label_field)
+    if fields is not None and spelled != Fields():
+        raise ValueError("Pass the field names either as fields=Fields(...) or as the *_field keywords, not both.")
+    fields = fields if fields is not None else spelled
     examples = load_examples(data)
     features = [
         tokenize_example(

@@ -1,0 +1,55 @@
+"""What the demo build is: its recipe (sizes and schedules), its version, its layout, its recorded digest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEMO_VERSION = "v2"
+"""Names the recipe below; bump it whenever the recipe changes, so an old cached build is never reused."""
+
+REFERENCE_WEIGHTS_SHA256 = "f6569629b5ce9abc1dc73cb8baa0b2f114459a3d941d125374799a1963f6e0be"
+""":func:`~xlora_hub.demo.weights_digest` of the recorded default build (seed 0, :data:`RECIPE`): torch 2.13.0,
+transformers 5.24, peft 0.21.2 on an Intel Xeon with AVX-512, default kernels. Another digest means other kernels or
+library versions; such a build scores a little differently (within the margin the tests allow)."""
+
+BASE_MODEL_DIR = "base_model"
+EXPERTS_DIR = "experts"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens")
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Sizes and schedules of the build (what :data:`DEMO_VERSION` names)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    max_positions: int = 64
+    pretrain_examples: int = 8000
+    pretrain_steps: int = 700
+    pretrain_lr: float = 3e-3
+    expert_examples: int = 3000
+    expert_steps: int = 800
+    expert_lr: float = 5e-3
+    lora_r: int = 8
+    lora_alpha: int = 16
+    classifier_examples: int = 800
+    classifier_epochs: int = 8
+    classifier_lr: float = 1e-2
+    routing_loss_weight: float = 5.0
+    batch_size: int = 64
+    max_length: int = 32
+
+
+RECIPE = DemoRecipe()
+
+__all__ = [
+    "BASE_MODEL_DIR",
+    "DEMO_VERSION",
+    "EXPERTS_DIR",
+    "LORA_TARGETS",
+    "RECIPE",
+    "REFERENCE_WEIGHTS_SHA256",
+    "DemoRecipe",
+]
