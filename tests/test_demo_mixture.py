@@ -227,3 +227,19 @@ def test_push_demo_mixture_as_separate_repos(hub, tmp_path):
 def test_bad_seed():
     with pytest.raises(ValueError, match="seed must be a non-negative integer"):
         build_demo_mixture(seed=-1)
+
+
+def test_adapter_configs_do_not_depend_on_the_hash_seed(tmp_path):
+    """peft writes `target_modules` from a set (hash-seed order); the build sorts it, so processes agree."""
+    import json
+
+    from xlora_hub.demo.cache import canonicalize_adapter_config
+
+    for name, modules in (("one", ["v_proj", "q_proj", "down_proj"]), ("two", ["down_proj", "q_proj", "v_proj"])):
+        (tmp_path / name).mkdir()
+        config = {"peft_type": "LORA", "r": 4, "target_modules": modules}
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
+        canonicalize_adapter_config(tmp_path / name / "adapter_config.json")
+    one, two = ((tmp_path / n / "adapter_config.json").read_bytes() for n in ("one", "two"))
+    assert one == two
+    assert json.loads(one) == {"peft_type": "LORA", "r": 4, "target_modules": ["down_proj", "q_proj", "v_proj"]}

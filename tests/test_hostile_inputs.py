@@ -251,12 +251,12 @@ def test_foreign_format_configs_use_the_bounded_reader(tmp_path):
 def test_every_json_file_is_read_through_the_one_reader():
     """No module but the reader parses JSON files (data.py reads JSONL training data line by line)."""
     offenders = []
-    for path in sorted((ROOT / "xlora_hub").glob("*.py")):
+    for path in sorted((ROOT / "xlora_hub").rglob("*.py")):  # the packages' modules too
         if path.name in ("jsonfile.py", "data.py"):
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if re.search(r"\bjson\.loads?\(", line):
-                offenders.append(f"{path.name}:{number}")
+                offenders.append(f"{path.relative_to(ROOT)}:{number}")
     assert offenders == [], f"use xlora_hub.jsonfile.read_json_object instead: {offenders}"
 
 

@@ -32,13 +32,13 @@ _LAZY = {
     "load_mixture": "model",
     "train_classifier": "training",
     "XLoraTrainer": "training",
-    "load_demo_mixture": "demo_mixture",
+    "load_demo_mixture": "demo",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import XLoraCache
     from .classifier import XLoraClassifier
-    from .demo_mixture import load_demo_mixture
+    from .demo import load_demo_mixture
     from .hub import ExpertSummary, MixtureSummary, inspect_mixture
     from .model import XLoraModel, load_mixture
     from .training import XLoraTrainer, train_classifier

@@ -16,6 +16,7 @@ import torch
 
 from ..staging import replace_folder, staging_folder
 from .cache import (
+    canonicalize_adapter_config,
     canonicalize_safetensors_header,
     demo_mixture_path,
     deterministic_torch,
@@ -286,6 +287,8 @@ def build_demo_mixture(
             phases = _build_into(work, seed=seed, recipe=recipe, progress=progress)
         for path in sorted(work.rglob("*.safetensors")):
             canonicalize_safetensors_header(path)
+        for path in sorted(work.rglob("adapter_config.json")):
+            canonicalize_adapter_config(path)
         write_build_info(work, seed=seed, recipe=recipe, phases=phases)
         if is_built(target) and not force:  # another process finished the same build first
             return target

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..jsonfile import read_json_object
+from ..jsonfile import parse_json_object, read_json_object
 from .recipe import DEMO_VERSION, RECIPE, DemoRecipe
 from .tasks import TASKS
 
@@ -111,7 +111,7 @@ def canonicalize_safetensors_header(path: Path) -> None:
     """
     with path.open("r+b") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+        header = parse_json_object(handle.read(length).decode("utf-8"), what=f"{path.name} header")
         metadata = header.pop("__metadata__", None)
         tensors = sorted(header.items(), key=lambda item: item[1]["data_offsets"])
         canonical = {"__metadata__": dict(sorted(metadata.items()))} if metadata is not None else {}
@@ -121,6 +121,19 @@ def canonicalize_safetensors_header(path: Path) -> None:
             return
         handle.seek(8)
         handle.write(text + b" " * (length - len(text)))
+
+
+def canonicalize_adapter_config(path: Path) -> None:
+    """Sort ``target_modules`` in a peft ``adapter_config.json``: peft writes it from a set, in hash-seed order.
+
+    The order means nothing to peft (it matches module names against the set), so a sorted list is the same
+    config, and two builds in different processes write the same bytes.
+    """
+    config = read_json_object(path)
+    modules = config.get("target_modules")
+    if isinstance(modules, list):
+        config["target_modules"] = sorted(modules)
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def weights_digest(folder: str | os.PathLike[str]) -> str:

@@ -78,7 +78,7 @@ def _demo_card() -> tuple[str, list[str]]:
     """What the page says about the embedded default mixture, and one example prompt per expert."""
     import random
 
-    from ..demo_mixture import TASKS, make_task_example
+    from ..demo import TASKS, make_task_example
 
     rows = [make_task_example(task, random.Random(index)) for index, task in enumerate(TASKS)]
     table = "\n".join(f"| {r['expert']} | `{r['prompt']}` | `{r['completion']}` |" for r in rows)
@@ -117,7 +117,7 @@ def load_demo(
     message names the mixture and the fix, so a Space or the CLI fails at start, not at the first request.
     """
     if mixture is None:
-        from ..demo_mixture import load_demo_mixture
+        from ..demo import load_demo_mixture
 
         model, tokenizer = load_demo_mixture()
         card, examples = _demo_card()
