@@ -8,9 +8,10 @@ runs inside :func:`clear_connection_errors`, so such a failure reads the same wh
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Iterator
 from typing import Any
+
+from ..error_messages import connection_message, transport_error_types
 
 __all__ = ["clear_connection_errors", "hub_api", "hub_connection_error", "hub_endpoint", "transport_errors"]
 
@@ -24,13 +25,7 @@ def hub_api(token: str | bool | None) -> Any:
 
 def transport_errors() -> tuple[type[BaseException], ...]:
     """The HTTP client's connection-level errors (dropped or refused connections), which are not ``OSError``."""
-    classes: list[type[BaseException]] = []
-    for module in ("httpx2", "httpx"):  # huggingface_hub 2.x uses httpx2, 1.x httpx
-        try:
-            classes.append(importlib.import_module(module).TransportError)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(classes)
+    return transport_error_types()
 
 
 def hub_endpoint() -> str:
@@ -40,53 +35,12 @@ def hub_endpoint() -> str:
     return constants.ENDPOINT.rstrip("/")
 
 
-def _connection_text(names: set[str], *, prefix: str, endpoint: str, detail: str, download: bool) -> str:
-    """What went wrong and the fix, by the kind of transport error (its class names)."""
-    if "LocalProtocolError" in names:
-        return (
-            f"{prefix}the request to the Hub at {endpoint} was refused by the HTTP client ({detail}). A token with "
-            "spaces or line breaks (for example read from a file with Windows line endings) cannot be sent; check "
-            "the token."
-        )
-    if names & {"ConnectError", "ConnectTimeout", "ProxyError"}:
-        return (
-            f"{prefix}the Hub at {endpoint} could not be reached ({detail}). Check the network connection and "
-            "HF_ENDPOINT (unset it for huggingface.co)"
-            + (
-                "; to use files already in the cache, pass `local_files_only=True` (`--offline` for the CLI "
-                "commands that take it)."
-                if download
-                else "."
-            )
-        )
-    return (
-        f"{prefix}the connection to the Hub at {endpoint} failed"
-        + (" during the download" if download else "")
-        + f" ({detail}). "
-        + (
-            "Nothing incomplete was kept in the cache; try again, or pass `local_files_only=True` to use cached files."
-            if download
-            else "Try again; check the network connection and HF_ENDPOINT."
-        )
-    )
-
-
 def hub_connection_error(
     err: BaseException, *, what: str | None = None, token: str | bool | None = None, download: bool = True
 ) -> ConnectionError:
-    """A transport error as a ``ConnectionError`` that names the endpoint, says what failed and how to fix it.
-
-    The HTTP client's text is redacted (:func:`xlora_hub.redact.redact`): it can hold the token, for example as
-    the repr of a header it refused.
-    """
-    from ..redact import redact
-
-    detail = redact(" ".join(f"{type(err).__name__}: {err}".split()), [token])
-    names = {cls.__name__ for cls in type(err).__mro__}
-    prefix = f"{what}: " if what else ""
-    return ConnectionError(
-        _connection_text(names, prefix=prefix, endpoint=hub_endpoint(), detail=detail, download=download)
-    )
+    """A transport error as a ``ConnectionError`` worded by :func:`xlora_hub.error_messages.connection_message`:
+    the endpoint, what failed and how to fix it, the HTTP client's text redacted (it can hold the token)."""
+    return ConnectionError(connection_message(err, what=what, token=token, download=download))
 
 
 @contextlib.contextmanager
