@@ -199,3 +199,16 @@ def test_the_hub_package_never_imports_the_model_at_run_time():
         if module.startswith(("xlora_hub.model", "xlora_hub.cli", "xlora_hub.space", "xlora_hub.convert"))
     ]
     assert not offenders
+
+
+def test_tokenizer_of_a_plain_hub_model_loads_offline_from_the_cache(hub, tmp_path):
+    # A plain model repo (no xlora_config.json): offline, the missing mixture file is a cache miss, not a mixture.
+    from huggingface_hub import HfApi
+
+    repo = f"alice/plain-tok-{uuid.uuid4().hex[:8]}"
+    word_tokenizer(["offline", "words"]).save_pretrained(tmp_path / "plain")
+    api = HfApi(token=hub.token)
+    api.create_repo(repo)
+    api.upload_folder(repo_id=repo, folder_path=str(tmp_path / "plain"))
+    assert "offline" in load_tokenizer(repo, cache_dir=tmp_path / "c").get_vocab()  # online: fills the cache
+    assert "offline" in load_tokenizer(repo, cache_dir=tmp_path / "c", local_files_only=True).get_vocab()

@@ -348,3 +348,19 @@ def test_space_dry_run_never_deletes_a_folders_files(hub, hub_mixture, tmp_path,
     assert (dest / "app.py").is_file() and not (dest / "mine.txt").exists() and not leftovers(tmp_path)
     code, _, err = run(capsys, "space", "push", hub_mixture, "alice/demo", "--overwrite")
     assert code == 2 and "--overwrite only applies with --dry-run" in err  # a usage error
+
+
+def test_convert_module_import_needs_overwrite_for_a_folder_with_files(cli_mixture, experts, tmp_path, capsys):
+    # `python -m xlora_hub.convert import` used to replace the mixture files of a non-empty OUTPUT unasked.
+    from xlora_hub.convert import main as convert_main
+
+    dest = occupied(tmp_path / "dest", experts)
+    before = files(dest)
+    assert convert_main(["import", str(cli_mixture), str(dest)]) == 1
+    err = capsys.readouterr().err
+    assert "already exists and is not empty" in err and "--overwrite" in err and str(dest) in err
+    assert files(dest) == before
+    assert convert_main(["import", str(cli_mixture), str(dest), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert XLoraModel.from_pretrained(dest).expert_names == ["math", "code"]
+    assert (dest / "mine.txt").read_text() == "mine"  # replacing the mixture in it keeps the user's other files

@@ -17,6 +17,7 @@ from ..error_messages import format_error
 from ..errors import InvalidConfigError
 from ..hub import load_base_model
 from ..model import load_mixture
+from ..staging import check_overwrite
 from .common import LoadOptions
 from .detect import source_folder
 from .importing import import_mixture
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--revision")
     imp.add_argument("--token")
     imp.add_argument("--bundle-experts", action="store_true", help="copy Hub experts into the mixture too")
+    imp.add_argument("--overwrite", action="store_true", help="replace the mixture OUTPUT already holds")
     exp = sub.add_parser("export", help="export an xlora-hub mixture to peft's format or a mistral.rs folder")
     exp.add_argument("format", choices=["peft", "mistralrs"])
     exp.add_argument("mixture", help="xlora-hub mixture folder or Hub repo id")
@@ -78,6 +80,7 @@ def _run(args: argparse.Namespace) -> None:
         _, fmt = source_folder(args.source, revision=args.revision, options=LoadOptions())
         print(fmt)
     elif args.command == "import":
+        check_overwrite(args.output, overwrite=args.overwrite, replaces="the mixture in it")  # before any download
         model = import_mixture(
             args.source,
             base_model=_base(args.base_model, args.token),
@@ -85,7 +88,7 @@ def _run(args: argparse.Namespace) -> None:
             revision=args.revision,
             token=args.token,
         )
-        print(model.save_pretrained(args.output, bundle_experts=args.bundle_experts))
+        print(model.save_pretrained(args.output, bundle_experts=args.bundle_experts, overwrite=args.overwrite))
     else:
         model = load_mixture(
             args.mixture, base_model=_base(args.base_model, args.token), revision=args.revision, token=args.token

@@ -59,9 +59,12 @@ def _candidates(
 
     Lazy: the base model is only resolved when the mixture itself has no tokenizer.
     """
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     try:
         source = fetch_mixture(mixture_or_model, revision=revision, with_weights=False, **hub)
-    except InvalidMixtureError:  # not a mixture (no xlora_config.json): a plain model folder or repo
+    except (InvalidMixtureError, LocalEntryNotFoundError):
+        # not a mixture (no xlora_config.json), or offline with none cached: a plain model folder or repo
         yield os.fspath(mixture_or_model), revision
         return
     if source.repo_id is None:
