@@ -364,3 +364,18 @@ def test_convert_module_import_needs_overwrite_for_a_folder_with_files(cli_mixtu
     capsys.readouterr()
     assert XLoraModel.from_pretrained(dest).expert_names == ["math", "code"]
     assert (dest / "mine.txt").read_text() == "mine"  # replacing the mixture in it keeps the user's other files
+
+
+def test_saving_over_a_folder_holding_a_mount_point_is_refused(experts, tmp_path, monkeypatch):
+    # A bind-mounted subfolder would be copied into the new folder and then emptied with the old one.
+    target = occupied(tmp_path / "mix", experts)
+    (target / "volume").mkdir()
+    (target / "volume" / "data.txt").write_text("precious")
+    before = files(target)
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == target / "volume" or real_ismount(p))
+    with pytest.raises(InvalidConfigError, match=r"volume'.*is a mount point inside the folder being replaced"):
+        mixture(experts, "a", seed=6).save_pretrained(target)
+    assert files(target) == before
+    assert (target / "volume" / "data.txt").read_text() == "precious"
+    assert not leftovers(tmp_path)

@@ -243,9 +243,30 @@ def _link_or_copy(source: str, dest: str) -> None:
         shutil.copy2(source, dest, follow_symlinks=False)
 
 
+def _mount_inside(folder: Path) -> Path | None:
+    """A mount point at or below ``folder`` (links not followed), else ``None``."""
+    for root, dirs, _ in os.walk(folder):
+        for name in [os.curdir, *dirs]:
+            path = Path(root, name)
+            if not path.is_symlink() and os.path.ismount(path):
+                return Path(os.path.normpath(path))
+    return None
+
+
 def carry_entry(source: Path, dest: Path) -> None:
     """Reproduce ``source`` (a file, folder or link) at ``dest`` without touching it: files hard-linked, links
-    copied as links (never followed), folders recursively. Used to keep a folder's other files across a swap."""
+    copied as links (never followed), folders recursively. Used to keep a folder's other files across a swap.
+
+    A folder holding a mount point is refused: its files could only be copied (no hard links across file
+    systems), and removing the old folder after the swap would empty the mounted volume."""
+    if source.is_dir() and not source.is_symlink():
+        mount = _mount_inside(source)
+        if mount is not None:
+            raise InvalidConfigError(
+                f"{str(mount)!r} is a mount point inside the folder being replaced; xlora-hub will not swap a "
+                "folder that holds another file system (removing the old folder would empty it). Save the mixture "
+                "to a folder without mounts, or unmount it first."
+            )
     if source.is_symlink():
         os.symlink(os.readlink(source), dest, target_is_directory=source.is_dir())
     elif source.is_dir():
