@@ -160,3 +160,19 @@ def test_push_uses_a_crlf_token(hub, tmp_path, capsys):
     assert code == 0, out
     assert hub.server.repo_exists(repo) and not leaks(out, hub.token + "\r\n")
     assert Path(tmp_path / "mix").is_dir()
+
+
+def test_the_convert_module_prints_a_bugs_traceback_redacted(tmp_path, capsys, monkeypatch):
+    # An error no formatter recognises is a bug: its traceback is shown, but never the token inside it.
+    import xlora_hub.convert.command as command
+
+    token = "hf_convert_secret_token"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"unexpected state while holding {token!r}")
+
+    monkeypatch.setattr(command, "import_mixture", broken)
+    assert command.main(["import", str(tmp_path / "src"), str(tmp_path / "out"), "--token", token]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "RuntimeError: unexpected state" in err
+    assert token not in err

@@ -69,4 +69,14 @@ def redact(text: str, secrets: Iterable[str | bool | None] = ()) -> str:
     return _BEARER.sub(lambda match: match.group(1) + REDACTED, text)
 
 
-__all__ = ["REDACTED", "known_secrets", "redact", "secret_forms"]
+def redacted_traceback(err: BaseException, secrets: Iterable[str | bool | None] = ()) -> str:
+    """``err``'s whole traceback (its causes included) with every secret redacted.
+
+    Front ends print this instead of letting Python print the traceback: the HTTP client's exceptions in the
+    chain can hold the token (as the repr of a header it refused)."""
+    import traceback
+
+    return redact("".join(traceback.format_exception(err)), secrets).rstrip()
+
+
+__all__ = ["REDACTED", "known_secrets", "redact", "redacted_traceback", "secret_forms"]

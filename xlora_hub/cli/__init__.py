@@ -23,7 +23,7 @@ from __future__ import annotations
 from ..routing import Generation, RoutedToken, generate_text
 from .app import build_parser, main
 from .bench import BENCH_SCRIPT
-from .errors import MAX_ERROR_CHARS, is_user_error, one_line, user_errors
+from .errors import MAX_ERROR_CHARS, one_line
 from .expert_args import default_expert_name, expert_refs, parse_named_ref
 from .generate import format_routing
 from .options import EXIT_OK, EXIT_USAGE, EXIT_USER_ERROR, PROG, UsageError
@@ -44,10 +44,8 @@ __all__ = [
     "expert_refs",
     "format_routing",
     "generate_text",
-    "is_user_error",
     "main",
     "one_line",
     "output_settings",
     "parse_named_ref",
-    "user_errors",
 ]

@@ -8,11 +8,10 @@ only adds the CLI's own words (its flags as the fix, a missing optional extra) a
 from __future__ import annotations
 
 import sys
-import traceback
 from collections.abc import Sequence
 
 from ..error_messages import MAX_ERROR_CHARS, ErrorHints, as_one_line, format_error
-from ..redact import redact
+from ..redact import redact, redacted_traceback
 from .options import EXIT_USAGE, EXIT_USER_ERROR, PROG, UsageError
 
 __all__ = [
@@ -20,11 +19,9 @@ __all__ = [
     "MAX_ERROR_CHARS",
     "OPTIONAL_PACKAGES",
     "error_line",
-    "is_user_error",
     "one_line",
     "print_traceback",
     "report_error",
-    "user_errors",
 ]
 
 CLI_HINTS = ErrorHints(
@@ -74,28 +71,15 @@ def report_error(err: Exception, *, command: str, debug: bool, secrets: Sequence
 
 
 def print_traceback(err: BaseException, secrets: Sequence[str | None]) -> int:
-    """Print ``err``'s whole traceback (its causes included) with every secret redacted; exit status 1.
-
-    The CLI prints it itself rather than letting Python do it: the HTTP client's exceptions in the chain
-    can hold the token (as the repr of a header it refused)."""
-    print(redact("".join(traceback.format_exception(err)), secrets).rstrip(), file=sys.stderr)
+    """Print ``err``'s whole traceback with every secret redacted (:func:`~xlora_hub.redact.redacted_traceback`);
+    exit status 1."""
+    print(redacted_traceback(err, secrets), file=sys.stderr)
     return EXIT_USER_ERROR
 
 
-# ------------------------------------------------------------------ for `python -m xlora_hub.convert`'s main
 def one_line(err: BaseException, *, secrets: Sequence[str | None] = ()) -> str:
     """The error as one line: :func:`error_line`, or for an unrecognised error its own text, redacted."""
     line = error_line(err, secrets=secrets)
     if line is not None:
         return line
     return redact(as_one_line(redact(str(err), secrets), hints=CLI_HINTS), secrets) or type(err).__name__
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """What a front end catches to decide with :func:`is_user_error` (every ``Exception``)."""
-    return (Exception,)
-
-
-def is_user_error(err: BaseException) -> bool:
-    """Whether ``err`` gets one line (the input is wrong) rather than a traceback (a bug)."""
-    return error_line(err) is not None

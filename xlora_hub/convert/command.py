@@ -17,6 +17,7 @@ from ..error_messages import format_error
 from ..errors import InvalidConfigError
 from ..hub import load_base_model
 from ..model import load_mixture
+from ..redact import redacted_traceback
 from ..staging import check_overwrite
 from .common import LoadOptions
 from .detect import source_folder
@@ -104,10 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _run(args)
-    except Exception as err:  # the input is wrong: one line and exit 1, like the `xlora-hub` CLI; a bug re-raises
-        line = format_error(err, token=getattr(args, "token", None))
-        if line is None:
-            raise
-        print(f"{PROG} {args.command}: error: {line}", file=sys.stderr)
+    except Exception as err:  # the input is wrong: one line; a bug: its traceback, redacted (as `xlora-hub` does)
+        token = getattr(args, "token", None)
+        line = format_error(err, token=token)
+        print(
+            redacted_traceback(err, [token]) if line is None else f"{PROG} {args.command}: error: {line}",
+            file=sys.stderr,
+        )
         return 1
     return 0
