@@ -15,20 +15,21 @@ from .options import EXIT_OK, PROG, AddCommand, UsageError, hub_kwargs, hub_opti
 def cmd_convert(args: argparse.Namespace) -> int:
     """Check the options and DEST first, import the checkpoint, then save it in the ``--to`` format."""
     from ..config import BaseModelRef
-    from ..convert import detect_format, export_mistralrs, export_peft, import_mixture
+    from ..convert import detect_format, export_mistralrs, export_peft, export_xlora, import_mixture
     from ..errors import InvalidConfigError
     from ..staging import check_overwrite
 
     adapters = None
     if args.adapter:
         adapters = dict(parse_named_ref(value) for value in args.adapter)
-    if args.base_model_id and args.to != "mistralrs":
-        raise UsageError("--base-model-id only applies with --to mistralrs.")
+    if args.base_model_id and args.to not in ("mistralrs", "xlora"):
+        raise UsageError("--base-model-id only applies with --to mistralrs or --to xlora.")
     if args.bundle_experts and args.to != "xlora-hub":
         raise UsageError("--bundle-experts only applies with --to xlora-hub (the other formats always bundle).")
     check_overwrite(  # before anything is downloaded or converted
         args.dest, overwrite=args.overwrite, replaces="the mixture in it" if args.to == "xlora-hub" else "it"
     )
+    accept = {"accept_softmax_topk_change": args.accept_softmax_topk_change}
     source_format = detect_format(args.source) if Path(args.source).expanduser().is_dir() else None
     base = None
     if args.base_model:
@@ -41,12 +42,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
         adapters=adapters,
         revision=args.revision,
         torch_dtype=torch_dtype(args.dtype),
+        **accept,
         **hub_kwargs(args),
     )
     if args.to == "xlora-hub":
         path = model.save_pretrained(args.dest, bundle_experts=args.bundle_experts, overwrite=args.overwrite)
     elif args.to == "peft":
         path = export_peft(model, args.dest, overwrite=args.overwrite)
+    elif args.to == "xlora":
+        path = export_xlora(model, args.dest, base_model_id=args.base_model_id, overwrite=args.overwrite, **accept)
     else:
         path = export_mistralrs(model, args.dest, base_model_id=args.base_model_id, overwrite=args.overwrite)
     print_lines(
@@ -70,10 +74,15 @@ def add_command(add: AddCommand, sub: Any, common: argparse.ArgumentParser) -> N
     p.set_defaults(func=cmd_convert)
     p.add_argument("source", metavar="SRC", help="checkpoint folder or Hub repo id")
     p.add_argument("dest", metavar="DEST", help="output folder")
-    p.add_argument("--to", required=True, choices=["xlora-hub", "peft", "mistralrs"], help="output format")
+    p.add_argument("--to", required=True, choices=["xlora-hub", "peft", "mistralrs", "xlora"], help="output format")
     p.add_argument("--base-model", default=None, help="base model repo id or folder (default: the one recorded)")
     p.add_argument("--adapter", action="append", metavar="NAME=REF", help="where an expert is now (repeatable)")
-    p.add_argument("--base-model-id", default=None, help="(mistralrs) base model id written in the files")
+    p.add_argument("--base-model-id", default=None, help="(mistralrs, xlora) base model id written in the files")
+    p.add_argument(
+        "--accept-softmax-topk-change",
+        action="store_true",
+        help="accept enable_softmax_topk computed per token, not batch-wide as in the original xlora package",
+    )
     p.add_argument("--bundle-experts", action="store_true", help="(xlora-hub) copy Hub experts into DEST")
     p.add_argument("--overwrite", action="store_true", help="replace what DEST already holds")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")

@@ -23,9 +23,11 @@ from .common import LoadOptions
 from .detect import source_folder
 from .importing import import_mixture
 from .original import export_mistralrs
+from .original_export import export_xlora
 from .peft_format import export_peft
 
 PROG = "python -m xlora_hub.convert"
+_ACCEPT_HELP = "(xlora) accept enable_softmax_topk computed per token, not batch-wide as in the original package"
 
 
 def _parse_adapters(values: list[str] | None) -> dict[str, str] | None:
@@ -64,12 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--token")
     imp.add_argument("--bundle-experts", action="store_true", help="copy Hub experts into the mixture too")
     imp.add_argument("--overwrite", action="store_true", help="replace the mixture OUTPUT already holds")
+    imp.add_argument("--accept-softmax-topk-change", action="store_true", help=_ACCEPT_HELP)
     exp = sub.add_parser("export", help="export an xlora-hub mixture to peft's format or a mistral.rs folder")
-    exp.add_argument("format", choices=["peft", "mistralrs"])
+    exp.add_argument("format", choices=["peft", "mistralrs", "xlora"])
     exp.add_argument("mixture", help="xlora-hub mixture folder or Hub repo id")
     exp.add_argument("output")
     exp.add_argument("--base-model", help="base model repo id or folder (default: the one the mixture names)")
-    exp.add_argument("--base-model-id", help="(mistralrs) the base model id written in the files")
+    exp.add_argument("--base-model-id", help="(mistralrs, xlora) the base model id written in the files")
+    exp.add_argument("--accept-softmax-topk-change", action="store_true", help=_ACCEPT_HELP)
     exp.add_argument("--revision")
     exp.add_argument("--token")
     return parser
@@ -88,6 +92,7 @@ def _run(args: argparse.Namespace) -> None:
             adapters=_parse_adapters(args.adapter),
             revision=args.revision,
             token=args.token,
+            accept_softmax_topk_change=args.accept_softmax_topk_change,
         )
         print(model.save_pretrained(args.output, bundle_experts=args.bundle_experts, overwrite=args.overwrite))
     else:
@@ -96,6 +101,9 @@ def _run(args: argparse.Namespace) -> None:
         )
         if args.format == "peft":
             print(export_peft(model, args.output))
+        elif args.format == "xlora":
+            accept = args.accept_softmax_topk_change
+            print(export_xlora(model, args.output, base_model_id=args.base_model_id, accept_softmax_topk_change=accept))
         else:
             print(export_mistralrs(model, args.output, base_model_id=args.base_model_id))
 

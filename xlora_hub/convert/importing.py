@@ -16,6 +16,7 @@ from .common import FORMAT_PEFT, FORMAT_XLORA_HUB, LoadOptions, build
 from .detect import source_folder
 from .original import read_original
 from .peft_format import read_peft
+from .softmax_topk import warn_softmax_topk_change
 
 if TYPE_CHECKING:
     from ..model import XLoraModel
@@ -33,11 +34,15 @@ def import_mixture(
     force_download: bool = False,
     torch_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    accept_softmax_topk_change: bool = False,
 ) -> XLoraModel:
     """Load an X-LoRA checkpoint in any known format (folder or Hub repo) as an :class:`XLoraModel`.
 
     ``adapters`` overrides where the experts are (name -> folder or Hub repo), for checkpoints whose
     recorded locations no longer exist. Save the result with ``model.save_pretrained`` or ``push_to_hub``.
+    An original xlora checkpoint with ``enable_softmax_topk`` is refused unless ``accept_softmax_topk_change=True``
+    (the original computes that softmax batch-wide; the mixture computes it per token, and a warning says by how
+    much the logits change on a sample batch).
     """
     options = LoadOptions(
         token=token,
@@ -60,5 +65,9 @@ def import_mixture(
         )
     assert folder is not None
     from_hub = not Path(os.fspath(source)).expanduser().is_dir()  # a snapshot in the cache, written by a stranger
-    read = read_peft if fmt == FORMAT_PEFT else read_original
-    return build(read(folder, adapters, from_hub=from_hub), base_model=base_model, options=options)
+    if fmt == FORMAT_PEFT:
+        return build(read_peft(folder, adapters, from_hub=from_hub), base_model=base_model, options=options)
+    foreign = read_original(folder, adapters, from_hub=from_hub, accept_softmax_topk_change=accept_softmax_topk_change)
+    model = build(foreign, base_model=base_model, options=options)
+    warn_softmax_topk_change(model, what=foreign.what)
+    return model
