@@ -14,7 +14,8 @@ Formats, detected from the files (:func:`detect_format`), one module each:
   bfloat16), experts in ``<name>/`` subfolders.
 
 Import any of them with :func:`import_mixture`. Export writes peft's format (:func:`export_peft`) or a bundled,
-mistral.rs-ready folder (:func:`export_mistralrs`). Run ``python -m xlora_hub.convert --help`` for the command line
+mistral.rs-ready folder (:func:`export_mistralrs`), or flatten it into one plain peft LoRA with its routing folded into
+fixed weights (:func:`flatten_to_lora`, :mod:`.flatten`). Run ``python -m xlora_hub.convert --help`` for the command line
 (:mod:`.command`). Where a checkpoint's files and experts are, and what a downloaded one may point at, is
 :mod:`.detect`; what the formats share (the foreign-checkpoint record, building the model) is :mod:`.common`.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 from .command import main
 from .common import FORMAT_ORIGINAL, FORMAT_PEFT, FORMAT_XLORA_HUB, FORMATS
 from .detect import detect_format
+from .flatten import flatten_to_lora, parse_weights, push_flattened_lora
 from .importing import import_mixture
 from .original import MISTRALRS_ORDERING_NAME, export_mistralrs, mistralrs_expert_names
 from .peft_format import PEFT_CLASSIFIER_MARKER, PEFT_CLASSIFIER_PREFIX, export_peft, save_peft_classifier
@@ -39,8 +41,11 @@ __all__ = [
     "detect_format",
     "export_mistralrs",
     "export_peft",
+    "flatten_to_lora",
     "import_mixture",
     "main",
     "mistralrs_expert_names",
+    "parse_weights",
+    "push_flattened_lora",
     "save_peft_classifier",
 ]
