@@ -279,3 +279,35 @@ def test_cli_convert_to_lora(expert_dirs, tokenizer, tmp_path, capsys):
         assert phrase in capsys.readouterr().err
     assert cli_main(["convert", str(mix), str(tmp_path / "x"), "--to", "lora", "--weights", "zz=1"]) == 1
     assert "'zz'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_mixture_on_a_4bit_base_flattens_to_a_lora_peft_loads_on_that_base(tmp_path):
+    """bitsandbytes NF4 (QLoRA's serving case): the LoRA factors are plain tensors, and peft puts the flattened
+    adapter on the quantized base as it does any LoRA."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (the `quant` extra); CI installs it")
+    import transformers as tf
+
+    sizes = dict(hidden_size=64, intermediate_size=128)  # bitsandbytes' CPU 4-bit kernels need multiples of 64
+    folder = tmp_path / "base"
+    tiny_llama(**sizes).save_pretrained(folder)
+    experts = {
+        name: save_expert(lambda: tiny_llama(**sizes), tmp_path / name, target_modules=targets, r=r, seed=seed)
+        for name, targets, r, seed in [("a", ["q_proj", "v_proj"], 3, 41), ("b", ["v_proj", "down_proj"], 2, 42)]
+    }
+
+    def quantized_base():
+        config = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tf.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu").eval()
+
+    model = XLoraModel.from_experts(quantized_base(), XLoraConfig(experts={n: str(d) for n, d in experts.items()}))
+    out = flatten_to_lora(model, tmp_path / "flat", weights={"a": 0.7, "b": 0.4})
+    with torch.no_grad(), pinned_routing(model, torch.tensor([[0.7, 0.4]])):
+        expected = model.model(input_ids=IDS).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = PeftModel.from_pretrained(quantized_base(), str(out)).eval()
+    assert type(plain.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    # bitsandbytes rounds each layer's input, so the stacked and the peft deltas differ a little (test_quantized.py)
+    assert torch.allclose(logits(plain), expected, atol=5e-5, rtol=0)
