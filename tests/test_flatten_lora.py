@@ -177,6 +177,16 @@ def test_a_constant_router_flattens_to_the_routed_mixture_exactly(expert_dirs, t
     assert f"{float(expected[0, 0]):.4f}" in card and f"{float(expected[-1, 2]):.4f}" in card
 
 
+@pytest.mark.parametrize("name", ["a", "b", "c"])
+def test_one_expert_at_weight_one_is_that_expert_in_peft(expert_dirs, tmp_path, name):
+    """Independent of xlora-hub's routing: weight 1 on one expert is that expert's own adapter (its alpha/r, rsLoRA,
+    rank and alpha patterns, embeddings), and the others contribute nothing."""
+    model = mixture(expert_dirs)
+    out = flatten_to_lora(model, tmp_path / "flat", weights={name: 1.0})
+    alone = PeftModel.from_pretrained(tiny_llama(), str(expert_dirs[name])).eval()
+    assert torch.allclose(logits(load_plain_lora(out)), logits(alone), atol=1e-5, rtol=0)
+
+
 def test_given_weights_and_the_card(expert_dirs, tmp_path):
     model = mixture(expert_dirs, layerwise_scalings=True)
     out = flatten_to_lora(model, tmp_path / "flat", weights={"a": 0.6, "c": 0.4})
