@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from xlora_hub.convert import flatten_to_lora
+from xlora_hub.convert import flatten_to_lora, parse_weights
 from xlora_hub.demo import TASKS, build_demo_mixture, deterministic_torch, load_demo_mixture, make_task_examples
 from xlora_hub.demo.build import load_base_model
 
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-per-task", type=int, default=100)
     parser.add_argument("--calibration-per-task", type=int, default=50)
+    parser.add_argument("--weights", help="NAME=W,... : flatten with this weighting instead of the calibrated one")
     args = parser.parse_args()
 
     folder = build_demo_mixture(seed=args.seed, progress=False)
@@ -64,7 +65,10 @@ def main() -> None:
     options.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     rows = []
     with deterministic_torch(), tempfile.TemporaryDirectory() as tmp:
-        out = flatten_to_lora(mixture, Path(tmp) / "flat", calibration=calibration, tokenizer=tokenizer)
+        weights = parse_weights(args.weights) if args.weights else None
+        out = flatten_to_lora(
+            mixture, Path(tmp) / "flat", calibration=calibration, weights=weights, tokenizer=tokenizer
+        )
         card = (out / "README.md").read_text()
         adapter = PeftModel.from_pretrained(load_base_model(folder), str(out)).eval()
         for task in TASKS:
