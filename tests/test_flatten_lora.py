@@ -79,11 +79,11 @@ def mixture(expert_dirs, *, seed: int = 5, **settings) -> XLoraModel:
     return model
 
 
-def load_plain_lora(folder) -> torch.nn.Module:
+def load_plain_lora(folder, base=tiny_llama) -> torch.nn.Module:
     """The flattened adapter loaded with peft alone (no xlora-hub code), with no key missing or unexpected."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(tiny_llama(), str(folder)).eval()
+        model = PeftModel.from_pretrained(base(), str(folder)).eval()
     keys = [str(w.message) for w in caught if "keys" in str(w.message).lower()]
     assert not keys, keys
     return model
@@ -185,6 +185,23 @@ def test_one_expert_at_weight_one_is_that_expert_in_peft(expert_dirs, tmp_path, 
     out = flatten_to_lora(model, tmp_path / "flat", weights={name: 1.0})
     alone = PeftModel.from_pretrained(tiny_llama(), str(expert_dirs[name])).eval()
     assert torch.allclose(logits(load_plain_lora(out)), logits(alone), atol=1e-5, rtol=0)
+
+
+def test_gpt2_conv1d_experts_flatten_with_fan_in_fan_out(tmp_path):
+    """GPT-2's fused ``Conv1D`` projections store their weight transposed: the adapter says so (``fan_in_fan_out``)."""
+    from factories import tiny_gpt2
+
+    dirs = {
+        "a": save_expert(tiny_gpt2, tmp_path / "a", target_modules=["c_attn", "c_fc"], seed=1, fan_in_fan_out=True),
+        "b": save_expert(tiny_gpt2, tmp_path / "b", target_modules=["c_attn"], r=2, seed=2, fan_in_fan_out=True),
+    }
+    model = XLoraModel.from_experts(tiny_gpt2(), XLoraConfig(experts={n: str(d) for n, d in dirs.items()}))
+    out = flatten_to_lora(model, tmp_path / "flat", weights={"a": 0.3, "b": 0.9})
+    with torch.no_grad(), pinned_routing(model, torch.tensor([[0.3, 0.9]])):
+        expected = model.model(input_ids=IDS).logits
+    plain = load_plain_lora(out, base=tiny_gpt2)
+    assert plain.peft_config["default"].fan_in_fan_out is True
+    assert torch.allclose(logits(plain), expected, atol=1e-5, rtol=0)
 
 
 def test_given_weights_and_the_card(expert_dirs, tmp_path):
