@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from factories import save_expert, tiny_llama
 
-from xlora_hub import InvalidConfigError, XLoraConfig, XLoraModel
+from xlora_hub import DataFormatError, InvalidConfigError, XLoraConfig, XLoraModel
 from xlora_hub.cli import main as cli_main
 from xlora_hub.convert import flatten_to_lora, parse_weights, push_flattened_lora
 from xlora_hub.convert import main as convert_main
@@ -252,10 +252,14 @@ def test_errors_name_the_fix(expert_dirs, tmp_path):
         flatten_to_lora(model, tmp_path / "b", weights={"a": 1.0, "math": 0.5})
     with pytest.raises(InvalidConfigError, match="must be a finite number"):
         flatten_to_lora(model, tmp_path / "c", weights={"a": float("nan")})
+    with pytest.raises(InvalidConfigError, match="batch_size must be a positive integer, got 0"):
+        flatten_to_lora(model, tmp_path / "d", calibration=PROMPTS, batch_size=0)
+    with pytest.raises(DataFormatError, match="A tokenizer is needed .* pass `tokenizer=`"):
+        flatten_to_lora(model, tmp_path / "d", calibration=PROMPTS)
     with pytest.raises(InvalidConfigError, match="NAME=WEIGHT pairs .* got 'b'"):
         parse_weights("a=0.5,b")
     assert parse_weights("a=0.5, b=1e-1") == {"a": 0.5, "b": 0.1}
-    assert not any((tmp_path / n).exists() for n in "abc")
+    assert not any((tmp_path / n).exists() for n in "abcd")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     with pytest.raises(Exception, match="overwrite"):

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import math
+import numbers
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -99,7 +100,7 @@ def _given_weights(model: XLoraModel, weights: Mapping[str, float]) -> torch.Ten
         raise InvalidConfigError(f"weights= is empty; give a weight to at least one of the experts {names}.")
     row = torch.zeros(1, len(names), dtype=torch.float64)
     for name, value in weights.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise InvalidConfigError(
                 f"weights= gives expert {name!r} the weight {value!r}; it must be a finite number."
             )
@@ -378,6 +379,8 @@ def flatten_to_lora(
             "Flattening needs a weighting: pass calibration= (data to measure each expert's mean routing weight on; "
             "`--calibration DATA` on the command line) or weights= ({expert: weight}; `--weights name=w,...`)."
         )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
     row = _given_weights(model, weights) if weights is not None else None  # bad names fail before any pass
     info, fidelity = None, None
     was_training = model.training
