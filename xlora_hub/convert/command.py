@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--token")
     imp.add_argument("--bundle-experts", action="store_true", help="copy Hub experts into the mixture too")
     imp.add_argument("--overwrite", action="store_true", help="replace the mixture OUTPUT already holds")
-    exp = sub.add_parser("export", help="export an xlora-hub mixture to peft's format or a mistral.rs folder")
+    exp = sub.add_parser("export", help="export a mixture to peft's format, a mistral.rs folder or one plain LoRA")
     exp.add_argument("format", choices=["peft", "mistralrs", "lora"])
     exp.add_argument("mixture", help="xlora-hub mixture folder or Hub repo id")
     exp.add_argument("output")
