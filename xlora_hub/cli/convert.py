@@ -15,7 +15,16 @@ from .options import EXIT_OK, PROG, AddCommand, UsageError, hub_kwargs, hub_opti
 def cmd_convert(args: argparse.Namespace) -> int:
     """Check the options and DEST first, import the checkpoint, then save it in the ``--to`` format."""
     from ..config import BaseModelRef
-    from ..convert import detect_format, export_mistralrs, export_peft, export_xlora, import_mixture
+    from ..convert import (
+        detect_format,
+        export_mistralrs,
+        export_peft,
+        export_xlora,
+        flatten_to_lora,
+        import_mixture,
+        parse_weights,
+    )
+    from ..data import load_examples
     from ..errors import InvalidConfigError
     from ..staging import check_overwrite
 
@@ -26,6 +35,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("--base-model-id only applies with --to mistralrs or --to xlora.")
     if args.bundle_experts and args.to != "xlora-hub":
         raise UsageError("--bundle-experts only applies with --to xlora-hub (the other formats always bundle).")
+    if (args.calibration or args.weights) and args.to != "lora":
+        raise UsageError("--calibration and --weights only apply with --to lora.")
+    if args.to == "lora" and not (args.calibration or args.weights):
+        raise UsageError("--to lora needs --calibration DATA (a .jsonl or .txt file) or --weights NAME=W,...")
+    weights = parse_weights(args.weights) if args.weights else None
+    if args.calibration:
+        load_examples(args.calibration)  # a bad data file fails before any model is loaded
     check_overwrite(  # before anything is downloaded or converted
         args.dest, overwrite=args.overwrite, replaces="the mixture in it" if args.to == "xlora-hub" else "it"
     )
@@ -51,6 +67,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
         path = export_peft(model, args.dest, overwrite=args.overwrite)
     elif args.to == "xlora":
         path = export_xlora(model, args.dest, base_model_id=args.base_model_id, overwrite=args.overwrite, **accept)
+    elif args.to == "lora":
+        from ..hub import load_tokenizer
+
+        tokenizer = (
+            load_tokenizer(args.source, revision=args.revision, **hub_kwargs(args)) if args.calibration else None
+        )
+        path = flatten_to_lora(
+            model,
+            args.dest,
+            calibration=args.calibration,
+            weights=weights,
+            tokenizer=tokenizer,
+            overwrite=args.overwrite,
+        )
     else:
         path = export_mistralrs(model, args.dest, base_model_id=args.base_model_id, overwrite=args.overwrite)
     print_lines(
@@ -67,6 +97,7 @@ def add_command(add: AddCommand, sub: Any, common: argparse.ArgumentParser) -> N
             f"{PROG} convert ./peft-xlora ./mix --to xlora-hub",
             f"{PROG} convert ./mix ./peft-xlora --to peft",
             f"{PROG} convert lamm-mit/x-lora ./mix --to xlora-hub --base-model HuggingFaceH4/zephyr-7b-beta",
+            f"{PROG} convert ./mix ./flat-lora --to lora --calibration prompts.jsonl",
         ],
         description="Convert an X-LoRA checkpoint (folder or Hub repo; its format is detected from the files) "
         "to another format.",
@@ -74,7 +105,9 @@ def add_command(add: AddCommand, sub: Any, common: argparse.ArgumentParser) -> N
     p.set_defaults(func=cmd_convert)
     p.add_argument("source", metavar="SRC", help="checkpoint folder or Hub repo id")
     p.add_argument("dest", metavar="DEST", help="output folder")
-    p.add_argument("--to", required=True, choices=["xlora-hub", "peft", "mistralrs", "xlora"], help="output format")
+    p.add_argument(
+        "--to", required=True, choices=["xlora-hub", "peft", "mistralrs", "xlora", "lora"], help="output format"
+    )
     p.add_argument("--base-model", default=None, help="base model repo id or folder (default: the one recorded)")
     p.add_argument("--adapter", action="append", metavar="NAME=REF", help="where an expert is now (repeatable)")
     p.add_argument("--base-model-id", default=None, help="(mistralrs, xlora) base model id written in the files")
@@ -84,6 +117,8 @@ def add_command(add: AddCommand, sub: Any, common: argparse.ArgumentParser) -> N
         help="accept enable_softmax_topk computed per token, not batch-wide as in the original xlora package",
     )
     p.add_argument("--bundle-experts", action="store_true", help="(xlora-hub) copy Hub experts into DEST")
+    p.add_argument("--calibration", metavar="DATA", help="(lora) .jsonl/.txt data the routing is averaged over")
+    p.add_argument("--weights", metavar="NAME=W,...", help="(lora) fixed expert weights instead of calibration")
     p.add_argument("--overwrite", action="store_true", help="replace what DEST already holds")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     hub_options(p, revision="revision of SRC (Hub repo only)")

@@ -14,8 +14,10 @@ Formats, detected from the files (:func:`detect_format`), one module each:
   bfloat16), experts in ``<name>/`` subfolders.
 
 Import any of them with :func:`import_mixture`. Export writes peft's format (:func:`export_peft`), a bundled,
-mistral.rs-ready folder (:func:`export_mistralrs`) or the original package's folder (:func:`export_xlora`). Run
-``python -m xlora_hub.convert --help`` for the command line (:mod:`.command`). Where a checkpoint's files and experts are, and what a downloaded one may point at, is
+mistral.rs-ready folder (:func:`export_mistralrs`) or the original package's folder (:func:`export_xlora`), or
+flattens a mixture into one plain peft LoRA with its routing folded into fixed weights (:func:`flatten_to_lora`,
+:mod:`.flatten`). Run ``python -m xlora_hub.convert --help`` for the command line (:mod:`.command`). Where a
+checkpoint's files and experts are, and what a downloaded one may point at, is
 :mod:`.detect`; what the formats share (the foreign-checkpoint record, building the model) is :mod:`.common`.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 from .command import main
 from .common import FORMAT_ORIGINAL, FORMAT_PEFT, FORMAT_XLORA_HUB, FORMATS
 from .detect import detect_format
+from .flatten import flatten_to_lora, parse_weights, push_flattened_lora
 from .importing import import_mixture
 from .original import MISTRALRS_ORDERING_NAME, export_mistralrs, mistralrs_expert_names
 from .original_export import export_xlora
@@ -41,8 +44,11 @@ __all__ = [
     "export_mistralrs",
     "export_peft",
     "export_xlora",
+    "flatten_to_lora",
     "import_mixture",
     "main",
     "mistralrs_expert_names",
+    "parse_weights",
+    "push_flattened_lora",
     "save_peft_classifier",
 ]

@@ -15,12 +15,13 @@ from torch import nn
 from ..config import BaseModelRef
 from ..error_messages import format_error
 from ..errors import InvalidConfigError
-from ..hub import load_base_model
+from ..hub import load_base_model, load_tokenizer
 from ..model import load_mixture
 from ..redact import redacted_traceback
 from ..staging import check_overwrite
 from .common import LoadOptions
 from .detect import source_folder
+from .flatten import flatten_to_lora, parse_weights
 from .importing import import_mixture
 from .original import export_mistralrs
 from .original_export import export_xlora
@@ -67,13 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--bundle-experts", action="store_true", help="copy Hub experts into the mixture too")
     imp.add_argument("--overwrite", action="store_true", help="replace the mixture OUTPUT already holds")
     imp.add_argument("--accept-softmax-topk-change", action="store_true", help=_ACCEPT_HELP)
-    exp = sub.add_parser("export", help="export an xlora-hub mixture to peft's format or a mistral.rs folder")
-    exp.add_argument("format", choices=["peft", "mistralrs", "xlora"])
+    exp = sub.add_parser(
+        "export", help="export a mixture to peft's format, a mistral.rs folder, the original xlora's or one plain LoRA"
+    )
+    exp.add_argument("format", choices=["peft", "mistralrs", "xlora", "lora"])
     exp.add_argument("mixture", help="xlora-hub mixture folder or Hub repo id")
     exp.add_argument("output")
     exp.add_argument("--base-model", help="base model repo id or folder (default: the one the mixture names)")
     exp.add_argument("--base-model-id", help="(mistralrs, xlora) the base model id written in the files")
     exp.add_argument("--accept-softmax-topk-change", action="store_true", help=_ACCEPT_HELP)
+    exp.add_argument("--calibration", metavar="DATA", help="(lora) .jsonl/.txt data the routing is averaged over")
+    exp.add_argument("--weights", metavar="NAME=W,...", help="(lora) fixed expert weights instead of calibration")
     exp.add_argument("--revision")
     exp.add_argument("--token")
     return parser
@@ -104,6 +109,14 @@ def _run(args: argparse.Namespace) -> None:
         elif args.format == "xlora":
             accept = args.accept_softmax_topk_change
             print(export_xlora(model, args.output, base_model_id=args.base_model_id, accept_softmax_topk_change=accept))
+        elif args.format == "lora":
+            tokenizer = (
+                load_tokenizer(args.mixture, revision=args.revision, token=args.token) if args.calibration else None
+            )
+            weights = parse_weights(args.weights) if args.weights else None
+            print(
+                flatten_to_lora(model, args.output, calibration=args.calibration, weights=weights, tokenizer=tokenizer)
+            )
         else:
             print(export_mistralrs(model, args.output, base_model_id=args.base_model_id))
 
