@@ -34,9 +34,9 @@ from xlora_hub.hub.card_evidence import BASE, EVIDENCE_DIR, HEATMAP_NAME, MIXTUR
 EXPERTS = ("math", "code")
 TARGETS = {"math": ["q_proj", "v_proj"], "code": ["up_proj", "down_proj"]}
 PROMPTS = ["2+2=", "hello ", "def f(x):", "Once upon", "SELECT ", "sum of 7 and 5 is"]
-CANDIDATES = [
-    f"{w} {i}" for i in range(12) for w in ("q", "def", "sum", "poem", "x", "SELECT", "if", "2+")
-]  # prompts the answers come from
+# Prompts where the greedy answers stop (EOS) within BUDGET: the base model's on the first three, the mixture's on
+# the last two (found once by a search over short prompts such as "q 0".."2+ 11"; `_stopped` checks it every run).
+CANDIDATES = ["def 0", "SELECT 0", "if 0", "sum 1", "def 11"]
 BUDGET = 12  # new tokens for the reference answers the completions are made from
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -121,8 +121,8 @@ def _stopped(model, other, tokenizer, n: int) -> list[dict[str, str]]:
             if _greedy(other, tokenizer, prompt, BUDGET) != text:
                 rows.append({"prompt": prompt, "completion": text})
         if len(rows) == n:
-            break
-    return rows
+            return rows
+    raise AssertionError(f"only {len(rows)} of the prompts give a greedy answer that stops; the fixture needs {n}")
 
 
 def _features(tokenizer, row) -> tuple[list[int], list[int]]:
