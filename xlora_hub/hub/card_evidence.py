@@ -116,7 +116,7 @@ def evidence_section(evidence: RoutingEvidence) -> str:
     return f"""
 {EVIDENCE_HEADING}
 
-Measured at push on `{evidence.dataset_name}` ({evidence.n_examples} examples, {evidence.n_tokens} tokens, sha256
+Measured on `{evidence.dataset_name}` ({evidence.n_examples} examples, {evidence.n_tokens} tokens, sha256
 `{evidence.sha256}`). Routing weights are the processed scalings, averaged over the X-LoRA layers and over the
 real tokens (padding excluded).
 
