@@ -32,15 +32,8 @@ import torch
 
 from .data import IGNORE_INDEX, CompletionCollator, Fields, load_examples, tokenize_example
 from .errors import MissingDependencyError
-from .hub.card_evidence import (
-    BASE,
-    HEATMAP_NAME,
-    MIXTURE,
-    USAGE_NAME,
-    RoutingEvidence,
-    SystemScores,
-    expert_system,
-)
+from .hub import RoutingEvidence, SystemScores, expert_system
+from .hub.card_evidence import BASE, HEATMAP_NAME, MIXTURE, USAGE_NAME
 from .scalings import process_scalings
 
 if TYPE_CHECKING:

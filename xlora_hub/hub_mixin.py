@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from .evidence import compute_evidence
-from .hub import clear_connection_errors, open_mixture, push_mixture, save_mixture, warn_on_base_mismatch
+from .hub import (
+    check_collection_title,
+    clear_connection_errors,
+    open_mixture,
+    push_mixture,
+    save_mixture,
+    warn_on_base_mismatch,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -113,6 +120,8 @@ class XLoraHubMixin:
         Returns:
             `huggingface_hub.CommitInfo`: the commit that was made.
         """
+        if collection is not None:
+            check_collection_title(collection)  # before the evaluation runs
         evidence = None
         if eval_dataset is not None:
             evidence = compute_evidence(self, eval_dataset, tokenizer=eval_tokenizer, plots=eval_plots)

@@ -126,7 +126,8 @@ real tokens (padding excluded).
 
 Routing entropy: {evidence.entropy:.3f} nats per token (uniform routing: {evidence.max_entropy:.3f}).
 {pictures}
-Scores on the same data (loss: mean next-token cross-entropy over the supervised tokens{em_note}):
+Scores on the same data (loss: mean next-token cross-entropy over the supervised tokens{em_note}; an expert
+alone is its LoRA at full weight on the base model):
 
 {score_head}
 {score_rows}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..hub.card_evidence import EVIDENCE_HEADING
+from ..hub import EVIDENCE_HEADING
 from ..jsonfile import read_json_object
 from ..paths import resolve_inside
 from ..refs import hub_url, is_local_argument
