@@ -28,8 +28,10 @@ from test_space_app import char_tokenizer
 
 from xlora_hub import XLoraConfig, XLoraModel
 from xlora_hub.cli import main
-from xlora_hub.errors import InvalidConfigError, MissingDependencyError
+from xlora_hub.errors import DataFormatError, InvalidConfigError, MissingDependencyError
+from xlora_hub.evidence import compute_evidence
 from xlora_hub.hub.card_evidence import BASE, EVIDENCE_DIR, HEATMAP_NAME, MIXTURE, USAGE_NAME, expert_system
+from xlora_hub.space import model_card_evidence
 
 EXPERTS = ("math", "code")
 TARGETS = {"math": ["q_proj", "v_proj"], "code": ["up_proj", "down_proj"]}
@@ -219,6 +221,11 @@ def test_push_with_eval_data_puts_evidence_scores_and_pictures_in_one_commit(hub
         f"`eval.jsonl` ({len(world['rows'])} examples, {expected['n_tokens']} tokens, sha256\n`{digest}`" in card.text
     )
 
+    # The Space page shows the section without the pictures (their links are relative to the mixture repo).
+    shown = model_card_evidence(card.content)
+    assert shown.startswith("## Routing evidence") and "Top-1 share" in shown and "Exact match" in shown
+    assert "![" not in shown and "## Usage" not in shown
+
     # A push without eval data leaves no stale pictures behind.
     plain = model.push_to_hub(repo_id, token=hub.token)
     assert not [f for f in api.list_repo_files(repo_id, revision=plain.oid) if f.startswith(EVIDENCE_DIR + "/")]
@@ -240,6 +247,13 @@ def test_missing_matplotlib_is_named_and_plots_can_be_left_out(hub, world, monke
     card = ModelCard.load(repo_id, token=hub.token)
     assert "## Routing evidence" in card.text and "![" not in card.text
     assert len(card.data.eval_results) == 2 * (len(EXPERTS) + 2)
+
+
+def test_eval_data_without_a_tokenizer_says_where_to_give_one(world):
+    model = XLoraModel.from_experts(tiny_llama(), XLoraConfig(experts={n: str(world["dirs"][n]) for n in EXPERTS}))
+    assert model.xlora_config.base_model is None  # a base made in memory: no tokenizer to fall back on
+    with pytest.raises(DataFormatError, match=r"records no base model.*pass `eval_tokenizer=` \(`--tokenizer`\)"):
+        compute_evidence(model, world["rows"], tokenizer=None, plots=False)
 
 
 def _collection(api: HfApi, title: str):
@@ -288,3 +302,28 @@ def test_cli_push_with_eval_and_collection(hub, world, tmp_path, capsys):
     card = ModelCard.load(repo_id, token=hub.token)
     assert {r.metric_name for r in card.data.eval_results} >= {f"Loss ({MIXTURE})", f"Exact match ({BASE})"}
     assert (repo_id, "model") in [(i.item_id, i.item_type) for i in _collection(HfApi(token=hub.token), title).items]
+
+
+def test_server_collections_api_answers_like_the_hub(hub, world):
+    """The routes and payloads the real client uses: 409 on a second title or item, 404 for a missing repo."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=hub.token)
+    title = f"Server check {uuid.uuid4().hex[:6]}"
+    made = api.create_collection(title, namespace="alice", description="d")
+    with pytest.raises(HfHubHTTPError) as err:
+        api.create_collection(title, namespace="alice")
+    assert err.value.response.status_code == 409
+    api.add_collection_item(made.slug, world["repos"]["math"], "model", note="n")
+    with pytest.raises(HfHubHTTPError) as err:
+        api.add_collection_item(made.slug, world["repos"]["math"], "model")
+    assert err.value.response.status_code == 409
+    same = api.add_collection_item(made.slug, world["repos"]["math"], "model", exists_ok=True)
+    assert [(i.item_id, i.note) for i in same.items] == [(world["repos"]["math"], "n")]
+    with pytest.raises(HfHubHTTPError) as err:
+        api.add_collection_item(made.slug, "alice/no-such-repo", "model")
+    assert err.value.response.status_code == 404
+    with pytest.raises(HfHubHTTPError) as err:
+        HfApi(token=hub.other_token).add_collection_item(made.slug, world["repos"]["code"], "model")
+    assert err.value.response.status_code == 403
+    assert api.get_collection(made.slug).title == title and made.url.endswith(f"/collections/{made.slug}")
