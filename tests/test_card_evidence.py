@@ -231,10 +231,13 @@ def test_push_with_eval_data_puts_evidence_scores_and_pictures_in_one_commit(hub
     assert not [f for f in api.list_repo_files(repo_id, revision=plain.oid) if f.startswith(EVIDENCE_DIR + "/")]
 
 
-def test_missing_matplotlib_is_named_and_plots_can_be_left_out(hub, world, monkeypatch):
+def test_missing_matplotlib_is_named_and_plots_can_be_left_out(hub, world, monkeypatch, tmp_path, capsys):
     api = HfApi(token=hub.token)
     repo_id = unique("ev-noplots")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    (tmp_path / "mix").mkdir()
+    assert main(["push", str(tmp_path / "mix"), repo_id, "--eval", str(world["data"]), "--token", hub.token]) == 1
+    assert "pip install 'xlora-hub[plots]'" in capsys.readouterr().err  # before the model is even loaded
     with pytest.raises(MissingDependencyError, match=r"pip install 'xlora-hub\[plots\]'.*eval_plots=False"):
         world["model"].push_to_hub(
             repo_id, token=hub.token, eval_dataset=world["data"], eval_tokenizer=char_tokenizer()

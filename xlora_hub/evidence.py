@@ -191,9 +191,8 @@ def _scores(model: XLoraModel, features, examples, tokenizer, fields: Fields, *,
                 for row in range(weights.shape[0]):
                     if len(heat) < HEATMAP_EXAMPLES:
                         heat.append(weights[row, mask[row].bool()])
-    longest = max(
-        (len(tokenizer(e[fields.completion])["input_ids"]) for e in examples if fields.completion in e), default=0
-    )
+    completions = [e[fields.completion] for e in examples if fields.prompt in e and fields.completion in e]
+    longest = max((len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions), default=0)
     scores = []
     for name, which in systems.items():
         total, count = sums[name]
