@@ -31,6 +31,7 @@ from xlora_hub.space import (
     experts_markdown,
     hide_local_paths,
     load_demo,
+    model_card_evidence,
     model_card_summary,
     render_routing,
     space_target,
@@ -259,6 +260,9 @@ def experts_panel(model: Any, model_card: str | None) -> None:
         summary = model_card_summary(model_card)
         if summary:
             gr.Markdown("### About this mixture\n\n" + summary, elem_id="model_card")
+        evidence = model_card_evidence(model_card)
+        if evidence:
+            gr.Markdown(evidence, elem_id="routing_evidence")
 
 
 def build_app(

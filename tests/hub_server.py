@@ -24,7 +24,9 @@ Implemented endpoints (``{t}`` is ``models``/``datasets``/``spaces``, ``{p}`` th
 * ``GET /api/whoami-v2``
 * ``POST /api/repos/create`` (409 + ``url`` if it exists), ``DELETE /api/repos/delete``, ``POST /api/repos/move``
 * ``POST /api/validate-yaml`` (always valid)
-* ``GET /api/{t}`` (list, ``author``/``search`` filters)
+* ``GET /api/{t}`` (list, ``author``/``search`` filters; ``models`` for Spaces: those whose README lists the model)
+* ``POST /api/collections`` (409 + ``slug`` when the namespace has one with that title),
+  ``GET /api/collections/{slug}``, ``POST /api/collections/{slug}/items`` (409 when the item is in it)
 * ``GET /api/{t}/{repo}`` and ``GET /api/{t}/{repo}/revision/{rev}`` (``?blobs=true`` adds sizes/LFS info)
 * ``GET /api/{t}/{repo}/tree/{rev}[/{path}]`` (``recursive``, ``expand``), ``POST /api/{t}/{repo}/paths-info/{rev}``
 * ``GET /api/{t}/{repo}/refs`` (``include_prs``), ``GET /api/{t}/{repo}/commits/{rev}``
@@ -298,6 +300,7 @@ class HubServer:
         self._repos: dict[tuple[str, str], Repo] = {}
         self._blobs: dict[str, bytes] = {}  # sha256 hex -> content (regular and LFS files alike)
         self._faults: list[Fault] = []
+        self._collections: dict[str, dict[str, Any]] = {}  # slug -> the collection as the API returns it
         self._secret = secrets.token_bytes(32)
         self._httpd = _HTTPServer((host, port), _Handler)
         self._httpd.hub = self
@@ -777,6 +780,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._move_repo(user, self._json_body(body))
         if route == ("POST", "validate-yaml"):
             return self._json({"errors": [], "warnings": []})
+        if segs and segs[0] == "collections":
+            return self._collections_api(method, user, segs[1:], body)
         if not segs or segs[0] not in _TYPE_FROM_PLURAL:
             raise HubError(404, f"Not found: /api/{'/'.join(segs)}")
         repo_type = _TYPE_FROM_PLURAL[segs[0]]
@@ -907,9 +912,99 @@ class _Handler(BaseHTTPRequestHandler):
                 continue
             if (author and repo.namespace != author) or search not in repo_id.lower():
                 continue
+            if rtype == "space" and query.get("models") and not set(query["models"]) <= self._card_models(repo):
+                continue
             commit = repo.commits[repo.refs["refs/heads/main"]]
             out.append(self._info_dict(repo, commit, with_siblings=False, blobs=False))
         self._json(out)
+
+    def _card_models(self, repo: Repo) -> set[str]:
+        """The ``models:`` of a repo's README front matter at ``main`` (block or flow list, or one id)."""
+        entry = repo.commits[repo.refs["refs/heads/main"]].files.get("README.md")
+        text = self.hub._blobs[entry.sha256].decode("utf-8", "replace") if entry else ""
+        match = re.match(r"\A---\n(.*?)\n---", text, flags=re.S)
+        models: set[str] = set()
+        lines = match.group(1).splitlines() if match else []
+        for i, line in enumerate(lines):
+            if not line.startswith("models:"):
+                continue
+            value = line[len("models:") :].strip()
+            if value.startswith("["):
+                models.update(v.strip().strip("'\"") for v in value.strip("[]").split(",") if v.strip())
+            elif value:
+                models.add(value.strip("'\""))
+            for item in lines[i + 1 :]:
+                if not item.lstrip().startswith("- "):
+                    break
+                models.add(item.lstrip()[2:].strip().strip("'\""))
+        return models
+
+    # ----- collections ----------------------------------------------------------------------------------------
+
+    def _collections_api(self, method: str, user: User | None, segs: list[str], body: bytes) -> None:
+        if method == "POST" and not segs:
+            return self._create_collection(user, self._json_body(body))
+        if len(segs) < 2:
+            raise HubError(404, f"Not found: {method} /api/collections/{'/'.join(segs)}")
+        collection = self._collection(user, f"{segs[0]}/{segs[1]}")
+        if method == "GET" and len(segs) == 2:
+            return self._json(collection)
+        if method == "POST" and segs[2:] == ["items"]:
+            return self._add_collection_item(user, collection, self._json_body(body))
+        raise HubError(404, f"Not found: {method} /api/collections/{'/'.join(segs)}")
+
+    def _collection(self, user: User | None, slug: str) -> dict[str, Any]:
+        collection = self.hub._collections.get(slug)
+        owner = collection["owner"]["name"] if collection else ""
+        if collection is None or (collection["private"] and not (user and user.member_of(owner))):
+            raise HubError(404, "Collection not found")
+        return collection
+
+    def _create_collection(self, user: User | None, payload: dict) -> None:
+        title, namespace = payload.get("title"), payload.get("namespace")
+        if not isinstance(title, str) or not title.strip() or not isinstance(namespace, str):
+            raise HubError(400, "A collection needs a `title` and a `namespace`")
+        self._require_write(user, namespace)
+        for slug, existing in self.hub._collections.items():
+            if existing["owner"]["name"] == namespace and existing["title"] == title:
+                raise HubError(409, "You already have a collection with this title", extra={"slug": slug})
+        words = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "collection"
+        slug = f"{namespace}/{words}-{secrets.token_hex(12)}"
+        collection = {
+            "slug": slug,
+            "title": title,
+            "description": payload.get("description"),
+            "owner": {"name": namespace, "type": "user" if namespace == user.name else "org"},
+            "items": [],
+            "lastUpdated": _iso(time.time()),
+            "position": sum(c["owner"]["name"] == namespace for c in self.hub._collections.values()),
+            "private": bool(payload.get("private")),
+            "theme": "blue",
+            "upvotes": 0,
+        }
+        self.hub._collections[slug] = collection
+        self._json(collection)
+
+    def _add_collection_item(self, user: User | None, collection: dict[str, Any], payload: dict) -> None:
+        self._require_write(user, collection["owner"]["name"])
+        item = payload.get("item")
+        if not isinstance(item, dict) or item.get("type") not in _TYPE_FROM_PLURAL.values():
+            raise HubError(400, "`item` must be {'id': repo id, 'type': 'model' | 'dataset' | 'space'}")
+        item_id, item_type = str(item.get("id")), item["type"]
+        self._repo(item_type, item_id, user)  # 404 for a repo that does not exist (or that the token cannot see)
+        if any(i["id"] == item_id and i["type"] == item_type for i in collection["items"]):
+            raise HubError(409, "This item is already in the collection")
+        entry: dict[str, Any] = {
+            "_id": secrets.token_hex(12),
+            "id": item_id,
+            "type": item_type,
+            "position": len(collection["items"]),
+        }
+        if isinstance(payload.get("note"), str):
+            entry["note"] = {"text": payload["note"], "html": payload["note"]}
+        collection["items"].append(entry)
+        collection["lastUpdated"] = _iso(time.time())
+        self._json(collection)
 
     # ----- read endpoints ----------------------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from test_space_app import EXPERTS, reference, save_tiny_mixture, start_app
 
+from xlora_hub.evidence import compute_evidence
+from xlora_hub.hub.card_evidence import write_evidence
 from xlora_hub.routing import layer_view
 from xlora_hub.space import load_app_module, load_demo
 
@@ -68,11 +70,19 @@ def browser():
         instance.close()
 
 
+EVAL_ROWS = [{"prompt": "2+2=", "completion": "4"}, {"text": "Hello Space, route this"}]
+
+
 @pytest.fixture(scope="module")
 def space(tmp_path_factory):
+    """The app on a tiny mixture whose card carries routing evidence (as `push --eval` writes it)."""
     mixture = save_tiny_mixture(tmp_path_factory.mktemp("browser-mixture"))
+    loaded = load_demo(str(mixture))
+    evidence = compute_evidence(loaded.model, EVAL_ROWS, tokenizer=loaded.tokenizer, plots=False)
+    write_evidence(mixture, evidence, repo_id=None, card_name="README.md")
     demo, url = start_app(mixture)
-    yield url, load_demo(str(mixture))
+    loaded.evidence = evidence
+    yield url, loaded
     demo.close()
 
 
@@ -129,6 +139,20 @@ def test_generate_in_the_browser(page, space):
     assert len(set(expected["labels"])) > 1
     shown_means = page.locator("#expert_means dd.confidence").all_inner_texts()
     assert len(shown_means) == len(EXPERTS)
+
+    # The card's routing evidence: each expert's mean weight and top-1 share, the entropy, the scores.
+    evidence = page.locator("#routing_evidence")
+    expect(evidence).to_contain_text("Routing evidence")
+    rows = evidence.locator("table").first.locator("tbody tr").all_inner_texts()
+    shown = [row.split("\t") for row in rows]
+    assert [[cell.strip() for cell in row] for row in shown] == [
+        [name, f"{weight:.3f}", f"{100 * share:.1f}%"]
+        for name, weight, share in zip(
+            loaded.evidence.expert_names, loaded.evidence.mean_weights, loaded.evidence.top1_shares
+        )
+    ]
+    expect(evidence).to_contain_text(f"Routing entropy: {loaded.evidence.entropy:.3f} nats")
+    expect(evidence).to_contain_text(f"{loaded.evidence.score('X-LoRA mixture').loss:.4f}")
 
     # The layer selector recolours the tokens with that layer's routing, without generating again.
     layer = 3

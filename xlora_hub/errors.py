@@ -36,6 +36,10 @@ class DataFormatError(XLoraHubError, ValueError):
     """A training data file or dataset does not have the expected shape."""
 
 
+class MissingDependencyError(XLoraHubError, ImportError):
+    """An optional dependency a feature needs is not installed; the message names the extra to install."""
+
+
 def short_repr(value: object, *, limit: int = 200) -> str:
     """``repr(value)`` cut to ``limit`` characters, so an error never echoes a huge value (a 50 MB config field).
 

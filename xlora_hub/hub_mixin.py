@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .hub import clear_connection_errors, open_mixture, push_mixture, save_mixture, warn_on_base_mismatch
+from .evidence import compute_evidence
+from .hub import (
+    check_collection_title,
+    clear_connection_errors,
+    open_mixture,
+    push_mixture,
+    save_mixture,
+    warn_on_base_mismatch,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -64,6 +72,10 @@ class XLoraHubMixin:
         push_local_experts: bool = False,
         revision: str | None = None,
         base_model: str | None = None,
+        eval_dataset: str | os.PathLike[str] | Any = None,
+        eval_tokenizer: Any = None,
+        eval_plots: bool = True,
+        collection: str | None = None,
     ) -> CommitInfo:
         """Push the mixture to a Hub repo in one commit, each Hub expert (and the base model) pinned to a commit.
 
@@ -93,10 +105,26 @@ class XLoraHubMixin:
             base_model (`str`, *optional*):
                 The Hub repo id to record as the base model (for a mixture made on a local copy of it); a local
                 base model folder is never published.
+            eval_dataset (`str`, `os.PathLike`, `datasets.Dataset` or list of dicts, *optional*):
+                Data in the formats `train` reads; the card gets the routing evidence measured on it (per-expert
+                usage, entropy, pictures) and the `model-index` the scores of the mixture, each expert alone and
+                the base model (see `xlora_hub.evidence`), committed with the mixture.
+            eval_tokenizer (*optional*):
+                The tokenizer for `eval_dataset` (default: the base model's).
+            eval_plots (`bool`, *optional*, defaults to `True`):
+                Commit the heatmap and usage pictures (matplotlib: `pip install 'xlora-hub[plots]'`).
+            collection (`str`, *optional*):
+                The title of a Hub collection to create or update with the mixture, its experts, its base model
+                and its Spaces.
 
         Returns:
             `huggingface_hub.CommitInfo`: the commit that was made.
         """
+        if collection is not None:
+            check_collection_title(collection)  # before the evaluation runs
+        evidence = None
+        if eval_dataset is not None:
+            evidence = compute_evidence(self, eval_dataset, tokenizer=eval_tokenizer, plots=eval_plots)
         return push_mixture(
             self,
             repo_id,
@@ -109,6 +137,8 @@ class XLoraHubMixin:
             push_local_experts=push_local_experts,
             revision=revision,
             base_model=base_model,
+            evidence=evidence,
+            collection=collection,
         )
 
     @classmethod

@@ -22,6 +22,17 @@ from __future__ import annotations
 
 from .api import clear_connection_errors, hub_api, hub_connection_error, hub_endpoint, transport_errors
 from .card import make_model_card
+from .card_evidence import (
+    EVIDENCE_DIR,
+    EVIDENCE_HEADING,
+    RoutingEvidence,
+    SystemScores,
+    add_evidence,
+    evidence_section,
+    expert_system,
+    write_evidence,
+)
+from .collection import check_collection_title, update_collection
 from .expert_checks import (
     adapter_tensor_shapes,
     check_expert_matches_model,
@@ -66,6 +77,8 @@ __all__ = [
     "ADAPTER_WEIGHTS_NAME",
     "BASE_MODEL_PATTERNS",
     "CARD_TAGS",
+    "EVIDENCE_DIR",
+    "EVIDENCE_HEADING",
     "EXPERTS_DIR",
     "EXPERT_FILES",
     "LIBRARY_NAME",
@@ -79,17 +92,23 @@ __all__ = [
     "MixtureSource",
     "MixtureSummary",
     "ResolvedExpert",
+    "RoutingEvidence",
+    "SystemScores",
+    "add_evidence",
     "adapter_tensor_shapes",
     "bundled_names",
     "cached_commit_sha",
     "check_classifier_file",
+    "check_collection_title",
     "check_expert_matches_model",
     "classifier_metadata",
     "classifier_shapes",
     "clear_connection_errors",
     "download_mixture",
+    "evidence_section",
     "expected_classifier_shapes",
     "expert_repo_id",
+    "expert_system",
     "fetch_mixture",
     "hub_api",
     "hub_connection_error",
@@ -112,7 +131,9 @@ __all__ = [
     "settings_dict",
     "snapshot_sha",
     "transport_errors",
+    "update_collection",
     "warn_on_base_mismatch",
+    "write_evidence",
     "write_expert_files",
     "write_mixture",
 ]

@@ -20,6 +20,8 @@ from ..jsonfile import read_json_object
 from ..refs import hub_url, is_commit_sha, is_stored_hub_id
 from .api import clear_connection_errors, hub_api
 from .card import make_model_card
+from .card_evidence import EVIDENCE_DIR, write_evidence
+from .collection import check_collection_title, update_collection
 from .experts import ADAPTER_CONFIG_NAME, ResolvedExpert
 from .format import EXPERT_FILES, EXPERTS_DIR, MODEL_CARD_NAME
 from .save import bundled_names, plan_experts, write_mixture
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
 
     from ..model import XLoraModel
+    from .card_evidence import RoutingEvidence
 
 __all__ = ["expert_repo_id", "push_mixture"]
 
@@ -128,6 +131,8 @@ def push_mixture(
     push_local_experts: bool = False,
     revision: str | None = None,
     base_model: str | None = None,
+    evidence: RoutingEvidence | None = None,
+    collection: str | None = None,
 ) -> CommitInfo:
     """Push the mixture to ``repo_id`` in one commit, every Hub expert (and the base model) pinned to a commit first.
 
@@ -140,6 +145,10 @@ def push_mixture(
     A local base model folder is never written into the pushed files: without ``base_model`` the pushed
     config records none (with a warning), and its users pass ``base_model=`` when loading. A lost or refused
     connection is a ``ConnectionError`` naming the endpoint.
+
+    ``evidence`` (:func:`xlora_hub.evidence.compute_evidence`) puts the routing evidence on the card, its
+    scores in the ``model-index`` and its pictures under ``evidence/``, in the same commit. ``collection``: the
+    title of a Hub collection to create or update with the mixture, its experts, base model and Spaces.
     """
     from huggingface_hub.utils import validate_repo_id
 
@@ -156,6 +165,8 @@ def push_mixture(
         )
     if base_model is not None:
         validate_repo_id(base_model)
+    if collection is not None:
+        collection = check_collection_title(collection)
     branch = branch or revision
     with clear_connection_errors(f"Pushing the mixture to {repo_id!r}", token=token, download=False):
         api = hub_api(token)
@@ -167,9 +178,29 @@ def push_mixture(
                 repo = expert_repo_id(repo_id, expert.name)
                 overrides[expert.name] = _push_expert(api, expert, repo, mixture=repo_id, private=private)
         plans = plan_experts(model, bundle_experts=bundle_experts, overrides=overrides)
-        return _upload(
-            model, api, repo_id, plans, base, branch=branch, commit_message=commit_message, create_pr=create_pr
+        info = _upload(
+            model,
+            api,
+            repo_id,
+            plans,
+            base,
+            branch=branch,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            evidence=evidence,
         )
+        if collection is not None:
+            _collect(api, collection, repo_id, overrides, base, private=private)
+        return info
+
+
+def _collect(
+    api: Any, title: str, repo_id: str, refs: dict[str, ExpertRef], base: BaseModelRef | None, *, private: bool | None
+) -> None:
+    """Add the pushed mixture, its Hub experts, its Hub base model and its Spaces to the collection ``title``."""
+    experts = [ref.repo_id for ref in refs.values() if ref.is_hub and ref.repo_id]
+    base_id = base.repo_id if base is not None and is_stored_hub_id(base.repo_id) else None
+    update_collection(api, title, repo_id, experts=experts, base_model=base_id, private=private)
 
 
 def _pinned_hub_refs(model: XLoraModel, api: Any, *, bundle_experts: bool) -> dict[str, ExpertRef]:
@@ -190,6 +221,8 @@ def _upload(
             config = config.replace(base_model=None)
             config.save(Path(tmp) / CONFIG_NAME)
             make_model_card(config, repo_id=repo_id).save(str(Path(tmp) / MODEL_CARD_NAME))
+        if options["evidence"] is not None:
+            write_evidence(Path(tmp), options["evidence"], repo_id=repo_id, card_name=MODEL_CARD_NAME)
         _drop_local_base_paths(Path(tmp) / EXPERTS_DIR)
         if branch is not None:
             api.create_branch(repo_id, branch=branch, exist_ok=True)
@@ -200,7 +233,7 @@ def _upload(
             or f"Upload X-LoRA mixture of {config.n_experts} experts (xlora-hub)",
             revision=branch,
             create_pr=options["create_pr"],
-            delete_patterns=[f"{EXPERTS_DIR}/**"],
+            delete_patterns=[f"{EXPERTS_DIR}/**", f"{EVIDENCE_DIR}/**"],
         )
 
 

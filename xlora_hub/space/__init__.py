@@ -28,6 +28,7 @@ from .page import (
     expert_infos,
     hide_local_paths,
     local_label,
+    model_card_evidence,
     model_card_summary,
     read_model_card,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "load_app_module",
     "load_demo",
     "local_label",
+    "model_card_evidence",
     "model_card_summary",
     "push_space",
     "read_model_card",

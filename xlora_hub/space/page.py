@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..hub import EVIDENCE_HEADING
 from ..jsonfile import read_json_object
 from ..paths import resolve_inside
 from ..refs import hub_url, is_local_argument
@@ -23,6 +24,7 @@ __all__ = [
     "expert_infos",
     "hide_local_paths",
     "local_label",
+    "model_card_evidence",
     "model_card_summary",
     "read_model_card",
 ]
@@ -112,6 +114,25 @@ def model_card_summary(text: str | None, *, max_chars: int = 1200) -> str:
         return text
     cut = text.rfind("\n\n", 0, max_chars)
     return text[: cut if cut > 0 else max_chars].rstrip() + "\n\n…"
+
+
+def model_card_evidence(text: str | None) -> str:
+    """The card's "Routing evidence" section (``push --eval``) without its pictures, or ``""`` when it has none.
+
+    The pictures are links relative to the mixture repo, which a Space page cannot resolve (and a page that
+    fetched them from the Hub would make requests outside the Space); the tables and the entropy stay.
+    """
+    if not text:
+        return ""
+    start = text.find("\n" + EVIDENCE_HEADING + "\n")
+    if start < 0:
+        return ""
+    section = text[start + 1 :]
+    following = re.search(r"^#{1,2}\s", section[len(EVIDENCE_HEADING) :], flags=re.M)
+    if following:
+        section = section[: len(EVIDENCE_HEADING) + following.start()]
+    section = re.sub(r"^!\[[^\]]*\]\([^)]*\)\n?", "", section, flags=re.M)
+    return re.sub(r"\n{3,}", "\n\n", section).strip()
 
 
 def read_model_card(
