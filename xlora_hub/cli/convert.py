@@ -24,6 +24,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         adapters = dict(parse_named_ref(value) for value in args.adapter)
     if args.base_model_id and args.to != "mistralrs":
         raise UsageError("--base-model-id only applies with --to mistralrs.")
+    if args.lossy and args.to != "mistralrs":
+        raise UsageError("--lossy only applies with --to mistralrs.")
     if args.bundle_experts and args.to != "xlora-hub":
         raise UsageError("--bundle-experts only applies with --to xlora-hub (the other formats always bundle).")
     check_overwrite(  # before anything is downloaded or converted
@@ -48,7 +50,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     elif args.to == "peft":
         path = export_peft(model, args.dest, overwrite=args.overwrite)
     else:
-        path = export_mistralrs(model, args.dest, base_model_id=args.base_model_id, overwrite=args.overwrite)
+        path = export_mistralrs(
+            model, args.dest, base_model_id=args.base_model_id, lossy=args.lossy, overwrite=args.overwrite
+        )
     print_lines(
         f"Converted {args.source}" + (f" ({source_format})" if source_format else "") + f" to {args.to}: {path}"
     )
@@ -74,6 +78,7 @@ def add_command(add: AddCommand, sub: Any, common: argparse.ArgumentParser) -> N
     p.add_argument("--base-model", default=None, help="base model repo id or folder (default: the one recorded)")
     p.add_argument("--adapter", action="append", metavar="NAME=REF", help="where an expert is now (repeatable)")
     p.add_argument("--base-model-id", default=None, help="(mistralrs) base model id written in the files")
+    p.add_argument("--lossy", action="store_true", help="(mistralrs) leave out LoRA mistral.rs cannot run")
     p.add_argument("--bundle-experts", action="store_true", help="(xlora-hub) copy Hub experts into DEST")
     p.add_argument("--overwrite", action="store_true", help="replace what DEST already holds")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")

@@ -13,8 +13,8 @@ Formats, detected from the files (:func:`detect_format`), one module each:
   ``base_model_id``, ``use_bias``, ``enable_relu_and_dropout``...), classifier keys ``inner.*`` / ``last.*`` (often
   bfloat16), experts in ``<name>/`` subfolders.
 
-Import any of them with :func:`import_mixture`. Export writes peft's format (:func:`export_peft`) or a bundled,
-mistral.rs-ready folder (:func:`export_mistralrs`). Run ``python -m xlora_hub.convert --help`` for the command line
+Import any of them with :func:`import_mixture`. Export writes peft's format (:func:`export_peft`) or a folder
+mistral.rs loads as written (:func:`export_mistralrs`, :mod:`.mistralrs`: flat expert files, its ordering file). Run ``python -m xlora_hub.convert --help`` for the command line
 (:mod:`.command`). Where a checkpoint's files and experts are, and what a downloaded one may point at, is
 :mod:`.detect`; what the formats share (the foreign-checkpoint record, building the model) is :mod:`.common`.
 """
@@ -25,7 +25,7 @@ from .command import main
 from .common import FORMAT_ORIGINAL, FORMAT_PEFT, FORMAT_XLORA_HUB, FORMATS
 from .detect import detect_format
 from .importing import import_mixture
-from .original import MISTRALRS_ORDERING_NAME, export_mistralrs, mistralrs_expert_names
+from .mistralrs import MISTRALRS_ORDERING_NAME, export_mistralrs, mistralrs_expert_names
 from .peft_format import PEFT_CLASSIFIER_MARKER, PEFT_CLASSIFIER_PREFIX, export_peft, save_peft_classifier
 
 __all__ = [

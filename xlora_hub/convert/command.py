@@ -22,7 +22,7 @@ from ..staging import check_overwrite
 from .common import LoadOptions
 from .detect import source_folder
 from .importing import import_mixture
-from .original import export_mistralrs
+from .mistralrs import export_mistralrs
 from .peft_format import export_peft
 
 PROG = "python -m xlora_hub.convert"
@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("output")
     exp.add_argument("--base-model", help="base model repo id or folder (default: the one the mixture names)")
     exp.add_argument("--base-model-id", help="(mistralrs) the base model id written in the files")
+    exp.add_argument("--lossy", action="store_true", help="(mistralrs) leave out the LoRA mistral.rs cannot run")
     exp.add_argument("--revision")
     exp.add_argument("--token")
     return parser
@@ -97,7 +98,7 @@ def _run(args: argparse.Namespace) -> None:
         if args.format == "peft":
             print(export_peft(model, args.output))
         else:
-            print(export_mistralrs(model, args.output, base_model_id=args.base_model_id))
+            print(export_mistralrs(model, args.output, base_model_id=args.base_model_id, lossy=args.lossy))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
