@@ -252,6 +252,8 @@ def _mistralrs_expert(
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         match = _LORA_KEY.match(key)
+        if match is None and any(key.startswith(f"base_model.model.{path}.") for path in plan.dropped):
+            continue  # e.g. the embedding's own weight, which peft saves beside its LoRA: left out with it
         if match is None:
             raise UnsupportedFormatError(
                 f"Expert {expert.name!r}: tensor {key!r} is not a LoRA factor (modules_to_save or trainable tokens?); "
