@@ -22,6 +22,7 @@ from xlora_hub import UnsupportedFormatError, XLoraConfig, XLoraModel
 from xlora_hub.cli import main as cli_main
 from xlora_hub.config import BaseModelRef
 from xlora_hub.convert import MISTRALRS_ORDERING_NAME, export_mistralrs, import_mixture, mistralrs_expert_names
+from xlora_hub.convert import main as convert_main
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[1, 5, 9, 14, 27, 33, 60, 2]])
@@ -48,6 +49,7 @@ def experts(tmp_path_factory) -> dict[str, Path]:
             tiny_llama, root / "first", target_modules=["q_proj"], seed=4, layers_to_transform=[0]
         ),
         "embed": save_expert(tiny_llama, root / "embed", target_modules=["q_proj", "embed_tokens"], seed=5),
+        "embed_only": save_expert(tiny_llama, root / "embed_only", target_modules=["embed_tokens"], seed=7),
         "head": save_expert(tiny_llama, root / "head", target_modules=["v_proj", "lm_head"], seed=6),
     }
 
@@ -95,7 +97,7 @@ def test_export_is_flat_with_one_absolute_base_id_and_the_classifier_mistralrs_b
         torch.testing.assert_close(back(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=0, atol=1e-6)
 
 
-def test_base_model_id_is_a_path_mistralrs_can_open_or_the_given_one(experts, tmp_path, monkeypatch):
+def test_base_model_id_is_a_path_mistralrs_can_open_or_the_given_one(experts, tmp_path, monkeypatch, caplog):
     model = mixture(experts, ["plain"])
     monkeypatch.chdir(experts["base"].parent)
     out = export_mistralrs(model, tmp_path / "a", base_model_id="base")  # a folder of the cwd: made absolute
@@ -106,6 +108,10 @@ def test_base_model_id_is_a_path_mistralrs_can_open_or_the_given_one(experts, tm
     model.xlora_config = model.xlora_config.replace(base_model=BaseModelRef(repo_id="./base_model"))
     out = export_mistralrs(model, tmp_path / "c")  # relative to its mixture: the folder it was loaded from
     assert read(out, MISTRALRS_ORDERING_NAME)["base_model_id"] == str(experts["base"].resolve())
+    model.xlora_config = model.xlora_config.replace(base_model=BaseModelRef(repo_id="owner/base", revision="abc123"))
+    out = export_mistralrs(model, tmp_path / "d")  # a Hub base: its id, and a word on the revision
+    assert read(out, MISTRALRS_ORDERING_NAME)["base_model_id"] == "owner/base"
+    assert "not at revision abc123 the mixture was built on" in caplog.text
 
 
 def test_names_mistralrs_would_mix_up_are_renamed():
@@ -163,6 +169,8 @@ def test_lora_mistralrs_cannot_run_is_refused_naming_expert_and_module(experts, 
     assert "lossy=True" in str(err.value) and "--lossy" in str(err.value)
     with pytest.raises(UnsupportedFormatError, match=r"expert 'head': LoRA on lm_head, the LM head"):
         export_mistralrs(mixture(experts, ["head"]), tmp_path / "b")
+    with pytest.raises(UnsupportedFormatError, match=r"mistral.rs would run none of this mixture's LoRA layers"):
+        export_mistralrs(mixture(experts, ["embed_only"]), tmp_path / "d", lossy=True)
     with pytest.raises(UnsupportedFormatError, match=r"xlora_size=64\), which it cannot load"):
         export_mistralrs(mixture(experts, ["plain"], xlora_depth=2, xlora_size=64), tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
@@ -198,3 +206,10 @@ def test_cli_lossy_flag(experts, tmp_path, capsys):
     assert "left out expert 'embed': LoRA on model.embed_tokens" in capsys.readouterr().err
     assert cli_main(["convert", str(mix), str(tmp_path / "pf"), "--to", "peft", "--lossy"]) == 2
     assert "--lossy only applies with --to mistralrs" in capsys.readouterr().err
+    assert convert_main(["export", "mistralrs", str(mix), str(tmp_path / "rs2")]) == 1  # python -m xlora_hub.convert
+    assert "expert 'embed': LoRA on model.embed_tokens" in capsys.readouterr().err
+    assert convert_main(["export", "mistralrs", str(mix), str(tmp_path / "rs2"), "--lossy"]) == 0
+    assert (
+        read(tmp_path / "rs2", MISTRALRS_ORDERING_NAME)["layers"]
+        == read(tmp_path / "rs", MISTRALRS_ORDERING_NAME)["layers"]
+    )

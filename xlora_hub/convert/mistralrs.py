@@ -118,6 +118,12 @@ def mistralrs_base_model_id(model: XLoraModel, base_model_id: str | None = None)
     if text and os.path.isabs(os.path.expanduser(text)):
         return str(Path(text).expanduser())
     if text and not has_path_syntax(text) and is_hub_repo_id(text) and not (local and Path(local).name == text):
+        if ref.revision:
+            logger.warning(
+                "mistral.rs loads %s at its default branch, not at revision %s the mixture was built on.",
+                text,
+                ref.revision,
+            )
         return text  # a Hub id ("owner/base", "gpt2"), not a folder of the mixture named like one
     if local:
         return local  # "./base_model" (or "base_model") of a local mixture, loaded from its absolute path
@@ -254,7 +260,7 @@ def _mistralrs_expert(
         match = _LORA_KEY.match(key)
         if match is None and any(key.startswith(f"base_model.model.{path}.") for path in plan.dropped):
             continue  # e.g. the embedding's own weight, which peft saves beside its LoRA: left out with it
-        if match is None:
+        if match is None:  # defensive: building a mixture already refuses modules_to_save
             raise UnsupportedFormatError(
                 f"Expert {expert.name!r}: tensor {key!r} is not a LoRA factor (modules_to_save or trainable tokens?); "
                 "mistral.rs loads LoRA factors only. Retrain the expert without them."
