@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,17 @@ def test_cli_lossy_flag(experts, tmp_path, capsys):
         read(tmp_path / "rs2", MISTRALRS_ORDERING_NAME)["layers"]
         == read(tmp_path / "rs", MISTRALRS_ORDERING_NAME)["layers"]
     )
+
+
+def test_export_pushed_to_the_hub_imports_back(experts, hub, tmp_path):
+    from huggingface_hub import HfApi
+
+    model = mixture(experts, ["plain", "patterns"])
+    out = export_mistralrs(model, tmp_path / "rs")
+    repo_id = f"alice/mistralrs-{uuid.uuid4().hex[:8]}"
+    api = HfApi(endpoint=hub.url, token=hub.token)
+    api.create_repo(repo_id)
+    api.upload_folder(repo_id=repo_id, folder_path=str(out))
+    back = import_mixture(repo_id, base_model=tiny_llama(), token=hub.token, cache_dir=tmp_path / "cache")
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
