@@ -165,7 +165,7 @@ def mistralrs_python(wanted: str, cache: Path) -> str:
     except PackageNotFoundError:
         pass
     venv = cache / f"mistralrs-{wanted}"
-    python = str(venv / "bin" / "python")
+    python = str(venv / ("Scripts" if os.name == "nt" else "bin") / "python")
     if os.path.exists(python) and _installed_version(python) == wanted:
         return python
     shutil.rmtree(venv, ignore_errors=True)
@@ -206,8 +206,15 @@ def compare(export: dict, answer: dict) -> list[tuple[str, int, int, float | Non
     return rows
 
 
-def test_mistralrs_0_9_5_gives_xlora_hubs_tokens_and_logprobs_on_one_token_prompts(export, request):
-    python = mistralrs_python("0.9.5", request.config.cache.mkdir("mistralrs"))
+@pytest.fixture(scope="module")
+def venvs(request, tmp_path_factory) -> Path:
+    """Where the mistral.rs venvs are kept between runs: pytest's cache (a temporary folder without it)."""
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("mistralrs") if cache is not None else tmp_path_factory.mktemp("mistralrs-venvs")
+
+
+def test_mistralrs_0_9_5_gives_xlora_hubs_tokens_and_logprobs_on_one_token_prompts(export, venvs):
+    python = mistralrs_python("0.9.5", venvs)
     answer = run_mistralrs(python, export, ONE_TOKEN_PROMPTS, "Mistral")
     assert answer["version"] == "0.9.5"
     rows = compare(export, answer)
@@ -219,8 +226,8 @@ def test_mistralrs_0_9_5_gives_xlora_hubs_tokens_and_logprobs_on_one_token_promp
     assert "RoPE positions length 1 does not match token count 2" in failed.get("error", ""), failed
 
 
-def test_mistralrs_0_6_0_gives_xlora_hubs_tokens_on_multi_token_prompts(export, request):
-    python = mistralrs_python("0.6.0", request.config.cache.mkdir("mistralrs"))
+def test_mistralrs_0_6_0_gives_xlora_hubs_tokens_on_multi_token_prompts(export, venvs):
+    python = mistralrs_python("0.6.0", venvs)
     answer = run_mistralrs(python, export, MULTI_TOKEN_PROMPTS, "Mistral")
     assert answer["version"] == "0.6.0"
     rows = compare(export, answer)
