@@ -170,7 +170,17 @@ def mistralrs_python(wanted: str, cache: Path) -> str:
         return python
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
-    pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"mistralrs=={wanted}"]
+    pip = [
+        python,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        "--retries",
+        "1",
+        f"mistralrs=={wanted}",
+    ]
     result = subprocess.run(pip, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         shutil.rmtree(venv, ignore_errors=True)
