@@ -14,8 +14,8 @@ Formats, detected from the files (:func:`detect_format`), one module each:
   bfloat16), experts in ``<name>/`` subfolders.
 
 Import any of them with :func:`import_mixture`. Export writes peft's format (:func:`export_peft`) or a folder
-mistral.rs loads as written (:func:`export_mistralrs`, :mod:`.mistralrs`: flat expert files, its ordering file). Run ``python -m xlora_hub.convert --help`` for the command line
-(:mod:`.command`). Where a checkpoint's files and experts are, and what a downloaded one may point at, is
+mistral.rs loads as written (:func:`export_mistralrs`, :mod:`.mistralrs`: flat expert files, its ordering file).
+Run ``python -m xlora_hub.convert --help`` for the command line (:mod:`.command`). Where a checkpoint's files and experts are, and what a downloaded one may point at, is
 :mod:`.detect`; what the formats share (the foreign-checkpoint record, building the model) is :mod:`.common`.
 """
 
