@@ -33,6 +33,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         adapters = dict(parse_named_ref(value) for value in args.adapter)
     if args.base_model_id and args.to not in ("mistralrs", "xlora"):
         raise UsageError("--base-model-id only applies with --to mistralrs or --to xlora.")
+    if args.lossy and args.to != "mistralrs":
+        raise UsageError("--lossy only applies with --to mistralrs.")
     if args.bundle_experts and args.to != "xlora-hub":
         raise UsageError("--bundle-experts only applies with --to xlora-hub (the other formats always bundle).")
     if (args.calibration or args.weights) and args.to != "lora":
@@ -82,7 +84,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     else:
-        path = export_mistralrs(model, args.dest, base_model_id=args.base_model_id, overwrite=args.overwrite)
+        path = export_mistralrs(
+            model, args.dest, base_model_id=args.base_model_id, lossy=args.lossy, overwrite=args.overwrite
+        )
     print_lines(
         f"Converted {args.source}" + (f" ({source_format})" if source_format else "") + f" to {args.to}: {path}"
     )
@@ -116,6 +120,7 @@ def add_command(add: AddCommand, sub: Any, common: argparse.ArgumentParser) -> N
         action="store_true",
         help="accept enable_softmax_topk computed per token, not batch-wide as in the original xlora package",
     )
+    p.add_argument("--lossy", action="store_true", help="(mistralrs) leave out LoRA mistral.rs cannot run")
     p.add_argument("--bundle-experts", action="store_true", help="(xlora-hub) copy Hub experts into DEST")
     p.add_argument("--calibration", metavar="DATA", help="(lora) .jsonl/.txt data the routing is averaged over")
     p.add_argument("--weights", metavar="NAME=W,...", help="(lora) fixed expert weights instead of calibration")

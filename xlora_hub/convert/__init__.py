@@ -13,11 +13,12 @@ Formats, detected from the files (:func:`detect_format`), one module each:
   ``base_model_id``, ``use_bias``, ``enable_relu_and_dropout``...), classifier keys ``inner.*`` / ``last.*`` (often
   bfloat16), experts in ``<name>/`` subfolders.
 
-Import any of them with :func:`import_mixture`. Export writes peft's format (:func:`export_peft`), a bundled,
-mistral.rs-ready folder (:func:`export_mistralrs`) or the original package's folder (:func:`export_xlora`), or
-flattens a mixture into one plain peft LoRA with its routing folded into fixed weights (:func:`flatten_to_lora`,
-:mod:`.flatten`). Run ``python -m xlora_hub.convert --help`` for the command line (:mod:`.command`). Where a
-checkpoint's files and experts are, and what a downloaded one may point at, is
+Import any of them with :func:`import_mixture`. Export writes peft's format (:func:`export_peft`), a folder
+mistral.rs loads as written (:func:`export_mistralrs`, :mod:`.mistralrs`: flat expert files, its ordering file)
+or the original package's folder (:func:`export_xlora`), or flattens a mixture into one plain peft LoRA with its
+routing folded into fixed weights (:func:`flatten_to_lora`, :mod:`.flatten`). Run ``python -m xlora_hub.convert
+--help`` for the command line (:mod:`.command`). Where a checkpoint's files and experts are, and what a
+downloaded one may point at, is
 :mod:`.detect`; what the formats share (the foreign-checkpoint record, building the model) is :mod:`.common`.
 """
 
@@ -28,7 +29,7 @@ from .common import FORMAT_ORIGINAL, FORMAT_PEFT, FORMAT_XLORA_HUB, FORMATS
 from .detect import detect_format
 from .flatten import flatten_to_lora, parse_weights, push_flattened_lora
 from .importing import import_mixture
-from .original import MISTRALRS_ORDERING_NAME, export_mistralrs, mistralrs_expert_names
+from .mistralrs import MISTRALRS_ORDERING_NAME, export_mistralrs, mistralrs_expert_names
 from .original_export import export_xlora
 from .peft_format import PEFT_CLASSIFIER_MARKER, PEFT_CLASSIFIER_PREFIX, export_peft, save_peft_classifier
 

@@ -23,7 +23,7 @@ from .common import LoadOptions
 from .detect import source_folder
 from .flatten import flatten_to_lora, parse_weights
 from .importing import import_mixture
-from .original import export_mistralrs
+from .mistralrs import export_mistralrs
 from .original_export import export_xlora
 from .peft_format import export_peft
 
@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--accept-softmax-topk-change", action="store_true", help=_ACCEPT_HELP)
     exp.add_argument("--calibration", metavar="DATA", help="(lora) .jsonl/.txt data the routing is averaged over")
     exp.add_argument("--weights", metavar="NAME=W,...", help="(lora) fixed expert weights instead of calibration")
+    exp.add_argument("--lossy", action="store_true", help="(mistralrs) leave out the LoRA mistral.rs cannot run")
     exp.add_argument("--revision")
     exp.add_argument("--token")
     return parser
@@ -118,7 +119,7 @@ def _run(args: argparse.Namespace) -> None:
                 flatten_to_lora(model, args.output, calibration=args.calibration, weights=weights, tokenizer=tokenizer)
             )
         else:
-            print(export_mistralrs(model, args.output, base_model_id=args.base_model_id))
+            print(export_mistralrs(model, args.output, base_model_id=args.base_model_id, lossy=args.lossy))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

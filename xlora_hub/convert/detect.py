@@ -19,6 +19,7 @@ from ..errors import ExpertNotFoundError, InvalidConfigError, InvalidMixtureErro
 from ..hub import ADAPTER_CONFIG_NAME, safe_relative_path
 from ..refs import has_path_syntax
 from .common import FORMAT_ORIGINAL, FORMAT_PEFT, FORMAT_XLORA_HUB, FORMATS, LoadOptions, read_json
+from .flat import flat_expert_folder
 
 
 # ---------------------------------------------------------------------------------------------- the format
@@ -223,12 +224,14 @@ def _adapter_items(adapters: Any, *, what: str) -> list[tuple[Any, Any]]:
 
 
 def _subfolder_ref(name: str, folder: Path, *, what: str, confined: bool) -> ExpertRef | None:
-    """The original package's layout: the expert in ``<name>/`` or ``adapters/<name>/`` of the checkpoint."""
+    """The original package's layout: the expert in ``<name>/`` or ``adapters/<name>/`` of the checkpoint; else
+    mistral.rs' flat ``<name>_adapter_config.json`` / ``<name>_adapter_model.safetensors`` (:mod:`.flat`)."""
     rel = safe_relative_path(name, what=f"{what}: expert {name!r} folder")
     for candidate in (folder / rel, folder / "adapters" / rel):
         if (candidate / ADAPTER_CONFIG_NAME).is_file() and (not confined or _inside(candidate, folder)):
             return ExpertRef(path=str(candidate.resolve()))
-    return None
+    flat = flat_expert_folder(folder, name, what=what)
+    return None if flat is None else ExpertRef(path=str(flat.resolve()))
 
 
 def expert_refs(

@@ -2,15 +2,15 @@
 
 ``xlora_config.json`` without ``format_version`` (``adapters`` as a list or a dict, ``base_model_id``,
 ``use_bias``, ``enable_relu_and_dropout``...), classifier keys ``inner.*`` / ``last.*`` (often bfloat16), experts
-in ``<name>/`` subfolders. :func:`export_mistralrs` writes it bundled, with mistral.rs' ``ordering.json``.
+in ``<name>/`` subfolders (or flat, as :mod:`.mistralrs` writes them). The layout writers here
+(:func:`_original_config`, :func:`_original_classifier_state`) are shared with the mistral.rs export.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,19 +19,17 @@ from torch import nn
 
 from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME
 from ..errors import InvalidConfigError, InvalidMixtureError, UnsupportedFormatError
-from ..hub import EXPERT_FILES
 from .common import ForeignCheckpoint, foreign_config, load_classifier_tensors, read_json, shared_settings
 from .detect import checkpoint_experts
-from .writing import save_tensors, write_experts, write_export, write_json
 
 if TYPE_CHECKING:
     from ..config import XLoraConfig
-    from ..model import XLoraModel
 
 logger = logging.getLogger(__name__)
 
 MISTRALRS_ORDERING_NAME = "ordering.json"
-"""The mistral.rs ordering file written by :func:`export_mistralrs` (``order``, ``layers``, ``base_model_id``)."""
+"""The mistral.rs ordering file (``order``, ``layers``, ``base_model_id``): written by
+:func:`~xlora_hub.convert.mistralrs.export_mistralrs`, and what tells a mistral.rs folder from the original's."""
 
 _ORIGINAL_KEY = re.compile(r"^(?:inner\.(\d+)|last)\.(weight|bias)$")
 
@@ -164,59 +162,7 @@ def read_original(
     return ForeignCheckpoint(config, linears, what)
 
 
-# ---------------------------------------------------------------------------------------------- mistral.rs names
-def _mistralrs_files(names: Sequence[str]) -> list[str]:
-    """Every file path of a mistral.rs export with these expert names."""
-    fixed = [CONFIG_NAME, CLASSIFIER_WEIGHTS_NAME, MISTRALRS_ORDERING_NAME]
-    return fixed + [f"{name}/{filename}" for name in names for filename in EXPERT_FILES]
-
-
-def _mistralrs_names_ok(names: Sequence[str]) -> bool:
-    """mistral.rs gives each file of the repo to the first adapter whose name occurs in its path: every file must
-    contain its own expert's name and no other."""
-    for path in _mistralrs_files(names):
-        owner = path.split("/", 1)[0] if "/" in path else None
-        if [n for n in names if n in path] != ([owner] if owner else []):
-            return False
-    return True
-
-
-def mistralrs_expert_names(names: Sequence[str]) -> list[str]:
-    """Expert names safe for mistral.rs (none is part of another or of a file name): the names themselves when they
-    are, else ``e<i>_<name>``, else ``xlora_expert_<i>``."""
-    width = len(str(len(names) - 1))
-    for candidate in (
-        list(names),
-        [f"e{i:0{width}d}_{n}" for i, n in enumerate(names)],
-        [f"xlora_expert_{i:0{width}d}" for i in range(len(names))],
-    ):
-        if _mistralrs_names_ok(candidate):
-            return candidate
-    raise UnsupportedFormatError(f"Cannot name experts {list(names)} safely for mistral.rs.")  # pragma: no cover
-
-
 # ---------------------------------------------------------------------------------------------- writing
-def _check_exportable(config: XLoraConfig, base_model_id: str | None) -> str:
-    """The base model id to write; refuses what mistral.rs cannot run, warns about what some releases cannot."""
-    if config.top_k_lora is not None or config.enable_softmax_topk:
-        raise UnsupportedFormatError(
-            "mistral.rs does not support `top_k_lora` / `enable_softmax_topk`; set them to None/False to export."
-        )
-    base_model_id = base_model_id or (config.base_model.repo_id if config.base_model else None)
-    if not base_model_id:
-        raise InvalidConfigError(
-            "The mixture names no base model; pass `base_model_id=` (the Hub id mistral.rs loads)."
-        )
-    if config.xlora_depth > 1 and config.xlora_size != config.hidden_size:
-        logger.warning(
-            "Some mistral.rs releases build the last classifier layer with hidden_size inputs; this classifier has "
-            "xlora_size=%d != hidden_size=%d. Check your mistral.rs version loads it.",
-            config.xlora_size,
-            config.hidden_size,
-        )
-    return base_model_id
-
-
 def _original_config(
     config: XLoraConfig,
     order: list[str],
@@ -273,41 +219,3 @@ def _original_classifier_state(
         if use_bias:
             state[f"{prefix}.bias"] = linear.bias
     return state
-
-
-def export_mistralrs(
-    model: XLoraModel,
-    save_directory: str | os.PathLike[str],
-    *,
-    base_model_id: str | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a bundled, mistral.rs-ready folder in the original ``xlora`` layout.
-
-    A ``save_directory`` that already holds files is refused unless ``overwrite=True`` (it is then replaced whole).
-
-    Contents: ``xlora_config.json`` (``base_model_id`` and ``enable_relu_and_dropout`` explicit),
-    ``xlora_classifier.safetensors`` (keys ``inner.N.*`` / ``last.*``), the experts in ``<name>/`` and
-    ``ordering.json`` (expert order, each adapted layer's scaling index, base model id). Expert names are
-    changed when one occurs in another (mistral.rs matches files by name); ``ordering.json`` lists the
-    names used.
-    """
-    config = model.xlora_config
-    base_model_id = _check_exportable(config, base_model_id)
-    new_names = dict(zip(model.expert_names, mistralrs_expert_names(model.expert_names)))
-    if any(k != v for k, v in new_names.items()):
-        logger.warning("Experts renamed for mistral.rs (a name occurred in another): %s", new_names)
-
-    def write(tmp: Path, final: Path) -> None:
-        order = [new_names[n] for n in model.expert_names]
-        write_experts(model, tmp, new_names)
-        write_json(tmp / CONFIG_NAME, _original_config(config, order, base_model_id))
-        save_tensors(_original_classifier_state(model.classifier), tmp / CLASSIFIER_WEIGHTS_NAME)
-        ordering = {
-            "order": order,
-            "layers": {name: i for i, name in enumerate(model.layer_names)},
-            "base_model_id": base_model_id,
-        }
-        write_json(tmp / MISTRALRS_ORDERING_NAME, ordering)
-
-    return write_export(save_directory, write, overwrite=overwrite)
