@@ -20,8 +20,9 @@ from ..jsonfile import read_json_object
 from ..refs import hub_url, is_commit_sha, is_stored_hub_id
 from .api import clear_connection_errors, hub_api
 from .card import make_model_card
-from .experts import ADAPTER_CONFIG_NAME, ResolvedExpert
+from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ResolvedExpert, weights_path_in_repo
 from .format import EXPERT_FILES, EXPERTS_DIR, MODEL_CARD_NAME
+from .pins import locked_ref
 from .save import bundled_names, plan_experts, write_mixture
 
 if TYPE_CHECKING:
@@ -166,6 +167,7 @@ def push_mixture(
             for expert in local:
                 repo = expert_repo_id(repo_id, expert.name)
                 overrides[expert.name] = _push_expert(api, expert, repo, mixture=repo_id, private=private)
+        overrides = _locked_refs(model, api, overrides)
         plans = plan_experts(model, bundle_experts=bundle_experts, overrides=overrides)
         return _upload(
             model, api, repo_id, plans, base, branch=branch, commit_message=commit_message, create_pr=create_pr
@@ -177,6 +179,20 @@ def _pinned_hub_refs(model: XLoraModel, api: Any, *, bundle_experts: bool) -> di
     if model.xlora_config.use_trainable_adapters or bundle_experts:
         return {}
     return {expert.name: _pin(expert, api) for expert in model.experts if expert.ref.is_hub}
+
+
+def _locked_refs(model: XLoraModel, api: Any, refs: dict[str, ExpertRef]) -> dict[str, ExpertRef]:
+    """Each pinned Hub ref with the sha256 and size of its weight file as the Hub reports them (format version 2),
+    the loaded copy checked to be that file."""
+    experts = {expert.name: expert for expert in model.experts}
+    out = {}
+    for name, ref in refs.items():
+        local = experts[name].local_dir / ADAPTER_WEIGHTS_NAME if name in experts else None
+        path = weights_path_in_repo(ref, name=name)
+        out[name] = locked_ref(
+            api, name, ref, path_in_repo=path, local_file=local if local and local.is_file() else None
+        )
+    return out
 
 
 def _upload(
