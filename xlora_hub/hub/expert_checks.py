@@ -276,14 +276,15 @@ def check_factor_dtypes(name: str, header: Mapping[str, tuple[list[int], str]]) 
 
 def check_expert_matches_model(
     expert: ResolvedExpert, model: nn.Module, *, header: Mapping[str, tuple[list[int], str]] | None = None
-) -> None:
+) -> set[str]:
     """Check the expert against its own tensors and the base model, from the file header, before peft sees it.
 
     The tensors must be float LoRA factors of modules the base model has, each with both A and B, of the rank
     ``r`` (or ``rank_pattern``) says and the sizes of the module; the modules ``target_modules`` selects
     (peft's own matching) must be exactly the modules with tensors, and adaptable by LoRA. ``header`` is the
     weight file's header read remotely (:func:`xlora_hub.hub.pins.remote_tensor_header`), so a Hub expert is
-    checked before its weights are downloaded; without it the local file's header is read.
+    checked before its weights are downloaded; without it the local file's header is read. Returns the base
+    model's names of the modules the expert adapts (they become X-LoRA layers).
     """
     adapter = read_adapter_config(expert)
     header = adapter_tensor_header(expert) if header is None else header
@@ -306,6 +307,7 @@ def check_expert_matches_model(
         _check_factors(expert, adapter, module_name, modules[resolved], factors)
         by_module[resolved] = factors
     _check_targets(expert, adapter, model, modules, set(by_module))
+    return set(by_module)
 
 
 def _check_targets(

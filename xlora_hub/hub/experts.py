@@ -193,7 +193,7 @@ def _resolve_hub_expert(name: str, ref: ExpertRef, *, precheck: HeaderCheck | No
                     weights_path_in_repo(ref, name=name),
                     revision=sha or ref.revision,
                     token=hub.get("token"),
-                    name=name,
+                    what=f"Expert {name!r}",
                 )
                 found = ResolvedExpert(name, ref, Path(config_path).parent, commit_sha=sha, origin="hub")
                 precheck(found, header)  # shapes and dtypes against the base model, no weight downloaded yet

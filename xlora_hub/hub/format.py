@@ -37,7 +37,7 @@ __all__ = [
 
 MODEL_CARD_NAME = "README.md"
 EXPERTS_DIR = "experts"
-CARD_TAGS = ("x-lora", "lora", "mixture-of-experts")
+CARD_TAGS = ("x-lora", "lora", "mixture-of-experts", "moe")
 EXPERT_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
 
 # Settings shown in the card and the summary (everything in XLoraConfig but the structural fields).

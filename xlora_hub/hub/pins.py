@@ -117,7 +117,7 @@ def locked_ref(api: Any, name: str, ref: ExpertRef, *, path_in_repo: str, local_
 
 
 def remote_tensor_header(
-    repo_id: str, path_in_repo: str, *, revision: str | None, token: str | bool | None, name: str
+    repo_id: str, path_in_repo: str, *, revision: str | None, token: str | bool | None, what: str
 ) -> TensorHeader:
     """Tensor shapes and dtypes of a safetensors file on the Hub, from its header only (ranged reads: no weight is
     downloaded), through ``HfApi.parse_safetensors_file_metadata``."""
@@ -128,7 +128,7 @@ def remote_tensor_header(
         meta = api.parse_safetensors_file_metadata(repo_id, path_in_repo, revision=revision)
     except SafetensorsParsingError as err:
         raise IncompatibleExpertError(
-            f"Expert {name!r}: {repo_id}@{revision or 'main'}'s {path_in_repo} has no readable safetensors header "
-            f"({err}). It is truncated or not a safetensors file; the expert's author must push it again."
+            f"{what}: {repo_id}@{revision or 'main'}'s {path_in_repo} has no readable safetensors header ({err}). "
+            "It is truncated or not a safetensors file; its author must push it again."
         ) from None
     return {key: (list(info.shape), str(info.dtype)) for key, info in meta.tensors.items()}

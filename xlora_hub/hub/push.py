@@ -19,7 +19,7 @@ from ..errors import ExpertNotFoundError, InvalidMixtureError
 from ..jsonfile import read_json_object
 from ..refs import hub_url, is_commit_sha, is_stored_hub_id
 from .api import clear_connection_errors, hub_api
-from .card import make_model_card
+from .card import ExpertFacts, licence_warnings, make_model_card, read_expert_facts
 from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ResolvedExpert, weights_path_in_repo
 from .format import EXPERT_FILES, EXPERTS_DIR, MODEL_CARD_NAME
 from .pins import locked_ref
@@ -168,9 +168,18 @@ def push_mixture(
                 repo = expert_repo_id(repo_id, expert.name)
                 overrides[expert.name] = _push_expert(api, expert, repo, mixture=repo_id, private=private)
         overrides = _locked_refs(model, api, overrides)
+        facts = _expert_facts(api, overrides)
         plans = plan_experts(model, bundle_experts=bundle_experts, overrides=overrides)
         return _upload(
-            model, api, repo_id, plans, base, branch=branch, commit_message=commit_message, create_pr=create_pr
+            model,
+            api,
+            repo_id,
+            plans,
+            base,
+            branch=branch,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            facts=facts,
         )
 
 
@@ -195,6 +204,15 @@ def _locked_refs(model: XLoraModel, api: Any, refs: dict[str, ExpertRef]) -> dic
     return out
 
 
+def _expert_facts(api: Any, refs: dict[str, ExpertRef]) -> dict[str, ExpertFacts]:
+    """Each Hub expert's licence and gating for the card, each reason for care logged as a warning (the CLI
+    prints it on stderr)."""
+    facts = read_expert_facts(api, refs)
+    for line in licence_warnings(facts):
+        logger.warning("%s", line.replace("`", "'"))
+    return facts
+
+
 def _upload(
     model: XLoraModel, api: Any, repo_id: str, plans: list[Any], base: BaseModelRef | None, **options: Any
 ) -> CommitInfo:
@@ -205,7 +223,8 @@ def _upload(
         if base is None and model.xlora_config.base_model is not None:
             config = config.replace(base_model=None)
             config.save(Path(tmp) / CONFIG_NAME)
-            make_model_card(config, repo_id=repo_id).save(str(Path(tmp) / MODEL_CARD_NAME))
+        card = make_model_card(config, repo_id=repo_id, experts=options["facts"])  # with licences and gating
+        card.save(str(Path(tmp) / MODEL_CARD_NAME))
         _drop_local_base_paths(Path(tmp) / EXPERTS_DIR)
         if branch is not None:
             api.create_branch(repo_id, branch=branch, exist_ok=True)
