@@ -83,6 +83,7 @@ def world(hub, tmp_path_factory):
     with torch.no_grad():
         for param in model.classifier.parameters():
             param.normal_()
+    model.save_pretrained(root / "mix")  # for the CLI push
     mixture = unique("mixture")
     hub.server.clear_requests()
     with _captured_warnings() as warned:
@@ -173,6 +174,15 @@ def test_hub_requests_name_xlora_hub_in_their_user_agent(hub, world, tmp_path):
     ours = [r for r in hub.server.log if world["repos"]["base"] not in r.path]  # transformers loads the base
     assert {"xlora_config.json", "adapter_config.json", WEIGHTS} <= {r.path.rsplit("/", 1)[-1] for r in ours}
     assert all(agent in r.headers.get("user-agent", "") for r in ours)
+
+
+def test_cli_push_warns_on_stderr_when_licences_differ_or_an_expert_is_gated(hub, world, capsys):
+    repo_id = unique("cli-push")
+    code = main(["push", str(world["root"] / "mix"), repo_id, "--token", hub.token])
+    err = capsys.readouterr().err
+    assert code == 0 and hub.server.repo_exists(repo_id)
+    assert "xlora-hub: WARNING: The experts are under different licences (math: apache-2.0; code: mit)" in err
+    assert "Expert 'code' is gated (manual)" in err
 
 
 # ---------------------------------------------------------------------------------------------- load
