@@ -294,3 +294,16 @@ def test_check_reports_unrecorded_digests_and_a_layer_order_that_differs(hub, wo
     assert [p.subject for p in problems] == ["expert 'math'", "expert 'code'", "layers"]
     assert all("no sha256/size of its weight file is recorded" in p.message for p in problems[:2])
     assert "the same layers in another order" in problems[2].message
+
+
+def test_check_a_local_folder_and_a_hub_mixture_with_bundled_experts(hub, world, tmp_path):
+    assert check_mixture(world["root"] / "mix", cache_dir=tmp_path / "c") == []
+    bundled = unique("bundled")
+    load_mixture(world["root"] / "mix", cache_dir=tmp_path / "c").push_to_hub(
+        bundled, token=hub.token, bundle_experts=True
+    )
+    assert "experts/code/adapter_model.safetensors" in hub.server.list_files(bundled)
+    hub.server.clear_requests()
+    assert check_mixture(bundled, cache_dir=tmp_path / "d") == []
+    assert "experts/code/adapter_model.safetensors" in hub.server.downloaded_files(ranged=True)
+    assert no_weights_downloaded(hub, tmp_path / "d")

@@ -166,8 +166,17 @@ class _Checker:
                 ref.repo_id, revision=ref.revision, token=self.token, cache_dir=self.cache_dir
             )
         cls = _model_class(auto_config)
-        with torch.device("meta"):
-            model = cls(auto_config) if issubclass(cls, transformers.PreTrainedModel) else cls.from_config(auto_config)
+        try:
+            with torch.device("meta"):  # module shapes only: nothing is allocated or downloaded
+                model = (
+                    cls(auto_config) if issubclass(cls, transformers.PreTrainedModel) else cls.from_config(auto_config)
+                )
+        except Exception as err:  # an architecture transformers cannot build from its config alone
+            raise _Found(
+                Problem(
+                    f"base model {ref.repo_id!r}", f"cannot be built from its config.json ({type(err).__name__}: {err})"
+                )
+            ) from None
         text = auto_config.get_text_config() if hasattr(auto_config, "get_text_config") else auto_config
         hidden = next((getattr(text, a) for a in ("hidden_size", "n_embd", "d_model") if hasattr(text, a)), None)
         if self.config.hidden_size is not None and hidden is not None and hidden != self.config.hidden_size:
@@ -180,9 +189,14 @@ class _Checker:
         return model
 
     def _check_pinned(self, subject: str, ref: BaseModelRef | ExpertRef) -> None:
-        """A Hub ref whose revision is not a commit sha can change under the mixture's users: a problem."""
+        """A Hub ref whose revision is not a commit sha can change under the mixture's users: a problem (in a Hub
+        mixture; a local folder's refs are pinned when it is pushed)."""
         repo_id = ref.repo_id
-        if repo_id is None or (isinstance(ref, BaseModelRef) and not is_stored_hub_id(repo_id)):
+        if (
+            self.source.repo_id is None
+            or repo_id is None
+            or (isinstance(ref, BaseModelRef) and not is_stored_hub_id(repo_id))
+        ):
             return  # a bundled expert (the mixture's commit pins it) or a local base folder
         if not is_commit_sha(ref.revision):
             self.problems.append(
@@ -234,13 +248,14 @@ class _Checker:
         assert ref.repo_id is not None
         subject = f"expert {name!r}"
         if ref.sha256 is None and ref.size is None:
-            self.problems.append(
-                Problem(
-                    subject,
-                    "no sha256/size of its weight file is recorded (a format version 1 mixture): a rewritten "
-                    "revision or a mirror would go unnoticed. Push the mixture again with this release.",
+            if self.source.repo_id is not None:  # a local folder gets its digests when it is pushed
+                self.problems.append(
+                    Problem(
+                        subject,
+                        "no sha256/size of its weight file is recorded (pushed before format version 2): a "
+                        "rewritten revision or a mirror would go unnoticed. Push the mixture again with this release.",
+                    )
                 )
-            )
             return
         sha256, _, size = remote_file_record(self.api, ref.repo_id, path, revision=commit or "main")
         if (ref.sha256 is not None and sha256 is not None and sha256 != ref.sha256) or (
