@@ -24,7 +24,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from factories import save_expert, tiny_llama
 
-from xlora_hub import ExpertDigestError, IncompatibleExpertError, XLoraConfig, XLoraModel, load_mixture
+from xlora_hub import (
+    ExpertDigestError,
+    ExpertRef,
+    IncompatibleExpertError,
+    InvalidConfigError,
+    InvalidMixtureError,
+    XLoraConfig,
+    XLoraModel,
+    load_mixture,
+)
 from xlora_hub.cli import main
 from xlora_hub.hub import check_mixture
 
@@ -307,3 +316,32 @@ def test_check_a_local_folder_and_a_hub_mixture_with_bundled_experts(hub, world,
     assert check_mixture(bundled, cache_dir=tmp_path / "d") == []
     assert "experts/code/adapter_model.safetensors" in hub.server.downloaded_files(ranged=True)
     assert no_weights_downloaded(hub, tmp_path / "d")
+
+
+def test_push_refuses_an_expert_copy_that_is_not_the_hubs_file(hub, world, tmp_path):
+    cache = tmp_path / "c"
+    model = load_mixture(world["root"] / "mix", cache_dir=cache)  # a local folder records no digest yet
+    blob = next(p for p in cache.rglob(WEIGHTS) if world["repos"]["math"].split("/")[1] in str(p)).resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0x01
+    blob.write_bytes(bytes(data))
+    repo_id = unique("refused")
+    with pytest.raises(InvalidMixtureError, match="Expert 'math': the copy this mixture was built with .* is not"):
+        model.push_to_hub(repo_id, token=hub.token)
+    assert not hub.server.repo_exists(repo_id)  # refused before anything was made
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(repo_id="a/b", sha256="ABC"), "`sha256` must be 64 lower-case hex digits, got 'ABC'"),
+        (dict(repo_id="a/b", size=-1), r"`size` must be a byte count \(an integer >= 0\), got -1"),
+        (dict(repo_id="a/b", size=True), "`size` must be a byte count"),
+        (dict(path="experts/x", sha256="0" * 64), "is a local folder: `sha256`/`size` record a Hub file"),
+    ],
+)
+def test_bad_digest_fields_are_refused_naming_the_field(fields, message):
+    with pytest.raises(InvalidConfigError, match=message):
+        ExpertRef(**fields)
+    with pytest.raises(InvalidConfigError, match=message):
+        XLoraConfig.from_dict({"format_version": 2, "experts": [{"name": "x", **fields}]})

@@ -161,14 +161,16 @@ def push_mixture(
     with clear_connection_errors(f"Pushing the mixture to {repo_id!r}", token=token, download=False):
         api = hub_api(token)
         overrides = _pinned_hub_refs(model, api, bundle_experts=bundle_experts)  # read-only: before anything is made
+        overrides = _locked_refs(model, api, overrides)  # digests recorded, the loaded copies checked
+        facts = _expert_facts(api, overrides)
         base = _pushed_base_model(model, repo_id, base_model, api)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # with the user's namespace
         if push_local_experts and not bundle_experts and not model.xlora_config.use_trainable_adapters:
             for expert in local:
                 repo = expert_repo_id(repo_id, expert.name)
-                overrides[expert.name] = _push_expert(api, expert, repo, mixture=repo_id, private=private)
-        overrides = _locked_refs(model, api, overrides)
-        facts = _expert_facts(api, overrides)
+                pushed = _push_expert(api, expert, repo, mixture=repo_id, private=private)
+                overrides[expert.name] = _locked_refs(model, api, {expert.name: pushed})[expert.name]
+                facts[expert.name] = ExpertFacts()  # its new repo: no licence in its card, not gated
         plans = plan_experts(model, bundle_experts=bundle_experts, overrides=overrides)
         return _upload(
             model,
