@@ -8,6 +8,7 @@ runs inside :func:`clear_connection_errors`, so such a failure reads the same wh
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,13 +31,18 @@ LIBRARY_NAME = "xlora-hub"
 def client_identity() -> dict[str, str]:
     """``library_name`` / ``library_version`` for every ``HfApi`` and download call, so the Hub's user agent
     names xlora-hub (the Hub counts and routes requests by it). The version is the installed package's."""
+    return {"library_name": LIBRARY_NAME, "library_version": _release()}
+
+
+@functools.lru_cache(maxsize=1)
+def _release() -> str:
+    """The installed package's version, read once (the package metadata does not change while it runs)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        release = version(LIBRARY_NAME)
+        return version(LIBRARY_NAME)
     except PackageNotFoundError:  # run from a source tree that was never installed
-        release = "0+unknown"
-    return {"library_name": LIBRARY_NAME, "library_version": release}
+        return "0+unknown"
 
 
 def hub_api(token: str | bool | None) -> Any:
