@@ -27,7 +27,8 @@ Implemented endpoints (``{t}`` is ``models``/``datasets``/``spaces``, ``{p}`` th
 * ``GET /api/{t}`` (list, ``author``/``search`` filters; ``models`` for Spaces: those whose README lists the model)
 * ``POST /api/collections`` (409 + ``slug`` when the namespace has one with that title),
   ``GET /api/collections/{slug}``, ``POST /api/collections/{slug}/items`` (409 when the item is in it)
-* ``GET /api/{t}/{repo}`` and ``GET /api/{t}/{repo}/revision/{rev}`` (``?blobs=true`` adds sizes/LFS info)
+* ``GET /api/{t}/{repo}`` and ``GET /api/{t}/{repo}/revision/{rev}`` (``?blobs=true`` adds sizes/LFS info: the
+  ``sha256`` a pinned mixture records; ``gated`` as set by :meth:`HubServer.set_gated`)
 * ``GET /api/{t}/{repo}/tree/{rev}[/{path}]`` (``recursive``, ``expand``), ``POST /api/{t}/{repo}/paths-info/{rev}``
 * ``GET /api/{t}/{repo}/refs`` (``include_prs``), ``GET /api/{t}/{repo}/commits/{rev}``
 * ``POST|DELETE /api/{t}/{repo}/branch/{branch}``, ``POST /api/{t}/{repo}/tag/{rev}``, ``DELETE .../tag/{tag}``
@@ -39,7 +40,8 @@ Implemented endpoints (``{t}`` is ``models``/``datasets``/``spaces``, ``{p}`` th
   signature in its query string)
 * ``GET|HEAD /{p}{repo}/resolve/{rev}/{path}`` (and ``/raw/``): ``X-Repo-Commit``, quoted ``ETag``,
   ``X-Linked-Etag``/``X-Linked-Size`` for LFS files, ``Content-Length``, ``Accept-Ranges``; ``Range: bytes=...``
-  answered with 206. No redirects.
+  answered with 206 (what ``HfApi.parse_safetensors_file_metadata`` uses to read a header only:
+  :meth:`HubServer.downloaded_files` tells ranged reads from whole downloads). No redirects.
 
 Errors carry ``X-Error-Code`` (``RepoNotFound``/``RevisionNotFound``/``EntryNotFound``) and ``X-Error-Message``
 headers plus a JSON ``{"error": ...}`` body, which is what ``hf_raise_for_status`` maps to the client's exceptions.
@@ -188,6 +190,7 @@ class Repo:
     commits: dict[str, Commit] = field(default_factory=dict)
     pr_count: int = 0
     pr_authors: dict[str, str] = field(default_factory=dict)  # "refs/pr/N" -> user name
+    gated: str | bool = False  # False, "auto" or "manual": reported by the info endpoints (downloads stay open)
     object_id: str = field(default_factory=lambda: secrets.token_hex(12))
 
     @property
@@ -372,18 +375,28 @@ class HubServer:
             self.requests.clear()
             self.log.clear()
 
-    def downloaded_files(self, method: str = "GET") -> list[str]:
-        """Repo-relative paths fetched through ``/resolve/`` (or ``/raw/``) with ``method``, in request order."""
+    def downloaded_files(self, method: str = "GET", *, ranged: bool | None = None) -> list[str]:
+        """Repo-relative paths fetched through ``/resolve/`` (or ``/raw/``) with ``method``, in request order.
+
+        ``ranged=False`` keeps only whole-file requests (no ``Range`` header), ``ranged=True`` only ranged reads
+        (what ``HfApi.parse_safetensors_file_metadata`` sends for a header)."""
         out = []
         with self._lock:
-            log = list(self.requests)
-        for m, path in log:
-            if m != method:
+            log = [(r.method, r.path, "range" in r.headers) for r in self.log]
+        for m, path, has_range in log:
+            if m != method or (ranged is not None and has_range != ranged):
                 continue
             parsed = _parse_file_url([unquote(s) for s in path.split("/")[1:]])
             if parsed is not None:
                 out.append(parsed[3])
         return out
+
+    def set_gated(self, repo_id: str, gated: str | bool, repo_type: str = "model") -> None:
+        """Report the repo as gated (``"auto"``/``"manual"``) or not (``False``) in its info, as the Hub does."""
+        if gated not in (False, "auto", "manual"):
+            raise ValueError(f"gated must be False, 'auto' or 'manual', got {gated!r}")
+        with self._lock:
+            self._repos[(repo_type, repo_id)].gated = gated
 
     # ----- direct (client-less) helpers for seeding and inspecting state ---------------------------------------
 
@@ -1017,7 +1030,7 @@ class _Handler(BaseHTTPRequestHandler):
             "lastModified": _iso(commit.date),
             "createdAt": _iso(repo.created),
             "private": repo.private,
-            "gated": False,
+            "gated": repo.gated,
             "disabled": False,
             "likes": 0,
             "tags": [],

@@ -60,7 +60,7 @@ def test_config_json_round_trip_and_version(tmp_path):
     config.save(tmp_path / "c.json")
     assert XLoraConfig.load(tmp_path / "c.json") == config
     data = config.to_dict()
-    assert data["n_layers"] == 2 and data["n_experts"] == 2 and data["format_version"] == 1
+    assert data["n_layers"] == 2 and data["n_experts"] == 2 and data["format_version"] == 2
     with pytest.raises(UnsupportedFormatError, match="format_version 99 is not supported"):
         XLoraConfig.from_dict({**data, "format_version": 99})
     with pytest.raises(InvalidConfigError, match="missing `format_version`"):

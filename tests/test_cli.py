@@ -29,7 +29,20 @@ from xlora_hub.config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, ExpertRef
 
 TARGETS = ["q_proj", "v_proj", "gate_proj"]
 CHARS = string.digits + string.ascii_lowercase + string.ascii_uppercase + " .,:;+-=?!'"
-COMMANDS = ["create", "train", "info", "generate", "push", "pull", "convert", "demo", "space", "space push", "bench"]
+COMMANDS = [
+    "create",
+    "train",
+    "info",
+    "check",
+    "generate",
+    "push",
+    "pull",
+    "convert",
+    "demo",
+    "space",
+    "space push",
+    "bench",
+]
 ROUTED = re.compile(r"\[([A-Za-z_]\w*)\]")
 
 

@@ -6,6 +6,7 @@ conftest.py). Loads use a fresh ``cache_dir`` per test, so no cached copy hides 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -117,7 +118,14 @@ def test_push_and_load_round_trip(hub, world, tmp_path):
 
     config = json.loads(hub.server.get_file(repo_id, "xlora_config.json"))
     pinned = {e["name"]: e for e in config["experts"]}
-    assert pinned["math"] == {"name": "math", "repo_id": repos["math"], "revision": hub.server.head(repos["math"])}
+    math_bytes = hub.server.get_file(repos["math"], "adapter_model.safetensors")
+    assert pinned["math"] == {
+        "name": "math",
+        "repo_id": repos["math"],
+        "revision": hub.server.head(repos["math"]),
+        "sha256": hashlib.sha256(math_bytes).hexdigest(),  # format version 2: the weight file's digest and size
+        "size": len(math_bytes),
+    }
     assert (
         pinned["code"]["revision"] == hub.server.head(repos["code"]) and pinned["code"]["subfolder"] == "adapters/code"
     )
@@ -260,7 +268,14 @@ def test_local_experts_are_bundled_pushed_or_refused(hub, world, tmp_path):
     expert_repo = f"{repo_id}-mine"
     assert set(hub.server.list_files(expert_repo)) >= {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     config = json.loads(hub.server.get_file(repo_id, "xlora_config.json"))
-    assert config["experts"][1] == {"name": "mine", "repo_id": expert_repo, "revision": hub.server.head(expert_repo)}
+    mine_bytes = (dirs["math_v2"] / "adapter_model.safetensors").read_bytes()
+    assert config["experts"][1] == {
+        "name": "mine",
+        "repo_id": expert_repo,
+        "revision": hub.server.head(expert_repo),
+        "sha256": hashlib.sha256(mine_bytes).hexdigest(),
+        "size": len(mine_bytes),
+    }
     assert expert_repo in hub.server.get_file(repo_id, "README.md").decode()
     torch.testing.assert_close(logits(load_mixture(repo_id, cache_dir=tmp_path / "f1")), expected, rtol=0, atol=0)
 
@@ -361,8 +376,8 @@ def test_pinned_revision_that_does_not_exist(hub, world, pushed, tmp_path):
 
 
 def test_hub_config_bad_input(hub, pushed, tmp_path):
-    bad_version = edited_mixture(hub, pushed, lambda c: c.update(format_version=2))
-    with pytest.raises(InvalidMixtureError, match="format_version 2 is not supported"):
+    bad_version = edited_mixture(hub, pushed, lambda c: c.update(format_version=3))
+    with pytest.raises(InvalidMixtureError, match="format_version 3 is not supported"):
         load_mixture(bad_version, cache_dir=tmp_path / "c")
     escaping = edited_mixture(hub, pushed, lambda c: c["experts"][1].update(subfolder="../../etc"))
     with pytest.raises(InvalidMixtureError, match="escapes the mixture"):

@@ -85,7 +85,7 @@ def test_save_load_round_trip_same_logits_and_tokens(expert_dirs, tmp_path):
     text = (out / "xlora_config.json").read_text()
     assert str(tmp_path) not in text  # never an absolute path
     data = json.loads(text)
-    assert data["format_version"] == 1
+    assert data["format_version"] == 2
     assert [e["name"] for e in data["experts"]] == ["math", "code", "chat"]
     assert all(e["path"] == f"experts/{e['name']}" for e in data["experts"])
     assert data["layer_names"] == model.layer_names and data["n_layers"] == model.n_layers == 8
@@ -246,7 +246,7 @@ def test_classifier_metadata_and_model_card(expert_dirs, tmp_path):
         assert sorted(f.keys()) == ["layers.0.bias", "layers.0.weight"]
         assert f.get_slice("layers.0.weight").get_shape() == [3 * 8, 32]
     assert meta["n_layers"] == "8" and meta["n_experts"] == "3" and meta["hidden_size"] == "32"
-    assert meta["xlora_format_version"] == "1" and json.loads(meta["expert_names"]) == ["math", "code", "chat"]
+    assert meta["xlora_format_version"] == "2" and json.loads(meta["expert_names"]) == ["math", "code", "chat"]
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "xlora-hub"
     assert {"x-lora", "lora", "mixture-of-experts"} <= set(card.data.tags)
@@ -260,7 +260,7 @@ def test_inspect_local_mixture_reads_no_weights(expert_dirs, tmp_path):
     out = model.save_pretrained(tmp_path / "mix")
     summary = inspect_mixture(out)
     assert summary.n_experts == 3 and summary.n_layers == 8 and summary.hidden_size == 32
-    assert summary.format_version == 1 and summary.commit is None
+    assert summary.format_version == 2 and summary.commit is None
     assert [e.name for e in summary.experts] == ["math", "code", "chat"]
     assert all(e.kind == "bundled" and e.pinned for e in summary.experts)
     sizes = {e.name: e.size_bytes for e in summary.experts}

@@ -429,3 +429,45 @@ def test_cli_entry_point_serves(tmp_path: Path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_files_metadata_lfs_sha256_ranged_header_reads_and_gating(server: HubServer, env_for, tmp_path: Path):
+    import torch
+    from safetensors.torch import save_file
+
+    # a header over 100 kB, so parse_safetensors_file_metadata needs its second ranged read
+    tensors = {f"layer.{i}.{'x' * 60}.weight": torch.zeros(1) for i in range(1500)}
+    save_file(tensors, str(tmp_path / "big.safetensors"))
+    data = (tmp_path / "big.safetensors").read_bytes()
+    assert int.from_bytes(data[:8], "little") > 100_000
+    server.create_repo("alice/headers")
+    sha = server.commit_files("alice/headers", {"sub/big.safetensors": data, "notes.txt": b"hi\n"})
+    server.set_gated("alice/headers", "manual")
+    server.clear_requests()
+    out = run_client(
+        f"""
+from huggingface_hub import HfApi
+api = HfApi()
+paths = api.get_paths_info("alice/headers", ["sub/big.safetensors", "notes.txt"], revision={sha!r})
+meta = api.parse_safetensors_file_metadata("alice/headers", "sub/big.safetensors", revision={sha!r})
+info = api.model_info("alice/headers", files_metadata=True)
+emit({{
+    "paths": {{p.path: [p.size, p.lfs.sha256 if p.lfs else None] for p in paths}},
+    "n_tensors": len(meta.tensors),
+    "dtype": next(iter(meta.tensors.values())).dtype,
+    "gated": info.gated,
+    "siblings": {{s.rfilename: s.lfs.sha256 if s.lfs else None for s in info.siblings}},
+}})
+""",
+        env_for(None),
+    )
+    digest = hashlib.sha256(data).hexdigest()
+    assert out["paths"] == {"sub/big.safetensors": [len(data), digest], "notes.txt": [3, None]}
+    assert out["siblings"]["sub/big.safetensors"] == digest
+    assert out["n_tensors"] == 1500 and out["dtype"] == "F32" and out["gated"] == "manual"
+    assert server.downloaded_files(ranged=True) == ["sub/big.safetensors", "sub/big.safetensors"]
+    assert server.downloaded_files(ranged=False) == []  # the header was read, the file never downloaded
+    ranges = [r.headers["range"] for r in server.log if "range" in r.headers]
+    assert ranges[0] == "bytes=0-100000" and ranges[1].startswith("bytes=8-")
+    with pytest.raises(ValueError, match="gated must be"):
+        server.set_gated("alice/headers", "yes")

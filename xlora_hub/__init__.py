@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .config import BaseModelRef, ExpertRef, XLoraConfig
 from .errors import (
     DataFormatError,
+    ExpertDigestError,
     ExpertNotFoundError,
     IncompatibleExpertError,
     InvalidConfigError,
@@ -59,6 +60,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "BaseModelRef",
     "DataFormatError",
+    "ExpertDigestError",
     "ExpertNotFoundError",
     "ExpertRef",
     "ExpertSummary",

@@ -83,8 +83,16 @@ def resolve_experts(
     cache_dir: str | os.PathLike[str] | None,
     local_files_only: bool,
     force_download: bool,
+    base_model: nn.Module | None = None,
 ) -> list[ResolvedExpert]:
-    """Every expert of ``config`` as local adapter files (downloaded from the Hub where it is a Hub ref)."""
+    """Every expert of ``config`` as local adapter files (downloaded from the Hub where it is a Hub ref).
+
+    With ``base_model``, a Hub expert's weight header is read remotely and checked against it before its
+    weights are downloaded, so an expert that does not fit costs no download."""
+
+    def precheck(expert: ResolvedExpert, header: dict[str, tuple[list[int], str]]) -> None:
+        check_expert_matches_model(expert, base_model, header=header)
+
     return [
         resolve_expert(
             name,
@@ -94,6 +102,7 @@ def resolve_experts(
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             force_download=force_download,
+            precheck=precheck if base_model is not None else None,
         )
         for name, ref in config.experts.items()
     ]

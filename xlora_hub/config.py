@@ -22,10 +22,11 @@ from .config_checks import (
 )
 from .errors import InvalidConfigError, UnsupportedFormatError, short_repr
 from .jsonfile import read_json_object
-from .refs import is_commit_sha, is_hub_repo_id, is_local_argument
+from .refs import is_commit_sha, is_hub_repo_id, is_local_argument, is_sha256
 
-FORMAT_VERSION = 1
-"""Version of the ``xlora_config.json`` layout written by this release."""
+FORMAT_VERSION = 2
+"""Version of the ``xlora_config.json`` layout written by this release (2: Hub experts may carry the ``sha256`` and
+``size`` of their weight file; version 1 configs, without them, still load)."""
 
 CONFIG_NAME = "xlora_config.json"
 CLASSIFIER_WEIGHTS_NAME = "xlora_classifier.safetensors"
@@ -37,12 +38,19 @@ class ExpertRef:
 
     ``path`` is a local folder. When the ref is part of a saved mixture, a relative ``path`` is
     relative to the mixture folder (for example ``experts/math``) and may not escape it.
+
+    ``sha256`` and ``size`` (Hub refs only, format version 2) are those of the expert's
+    ``adapter_model.safetensors`` at the pinned commit as the Hub reported them at push (its LFS oid): a
+    loader checks the downloaded file against them, so a rewritten revision or a mirror serving other
+    bytes is an error rather than another expert.
     """
 
     repo_id: str | None = None
     revision: str | None = None
     subfolder: str | None = None
     path: str | None = None
+    sha256: str | None = None
+    size: int | None = None
 
     def __post_init__(self) -> None:
         if (self.repo_id is None) == (self.path is None):
@@ -50,7 +58,7 @@ class ExpertRef:
                 f"An expert reference needs exactly one of `repo_id` or `path` (got repo_id={short_repr(self.repo_id)}, "
                 f"path={short_repr(self.path)})."
             )
-        for name in ("repo_id", "revision", "subfolder", "path"):
+        for name in ("repo_id", "revision", "subfolder", "path"):  # sha256/size: checked by _check_lock
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise InvalidConfigError(
@@ -59,6 +67,25 @@ class ExpertRef:
         if self.path is not None and self.revision is not None:
             raise InvalidConfigError(
                 f"Expert path {short_repr(self.path)} is a local folder: it cannot have a `revision` (only Hub repos do)."
+            )
+        self._check_lock()
+
+    def _check_lock(self) -> None:
+        """``sha256``: 64 lower-case hex digits; ``size``: a byte count; both for Hub refs only."""
+        if self.sha256 is None and self.size is None:
+            return
+        if self.path is not None:
+            raise InvalidConfigError(
+                f"Expert path {short_repr(self.path)} is a local folder: `sha256`/`size` record a Hub file (its "
+                "mixture's own commit pins a bundled expert)."
+            )
+        if self.sha256 is not None and not is_sha256(self.sha256):
+            raise InvalidConfigError(
+                f"Expert reference field `sha256` must be 64 lower-case hex digits, got {short_repr(self.sha256)}."
+            )
+        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0):
+            raise InvalidConfigError(
+                f"Expert reference field `size` must be a byte count (an integer >= 0), got {short_repr(self.size)}."
             )
 
     @property
@@ -87,7 +114,7 @@ class ExpertRef:
                 raise InvalidConfigError(
                     f"Unknown field(s) {short_repr(sorted(map(str, unknown)))} in expert reference "
                     f"{short_repr(dict(value))}; "
-                    "allowed: repo_id, revision, subfolder, path."
+                    "allowed: repo_id, revision, subfolder, path, sha256, size."
                 )
             return cls(**dict(value))
         if not isinstance(value, str) or not value.strip():

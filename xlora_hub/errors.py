@@ -28,6 +28,10 @@ class IncompatibleExpertError(XLoraHubError, ValueError):
     """A LoRA expert cannot be used in this mixture (DoRA, another architecture, another hidden size...)."""
 
 
+class ExpertDigestError(XLoraHubError, ValueError):
+    """An expert's downloaded weight file is not the one its mixture recorded (another sha256 or size)."""
+
+
 class ExpertNotFoundError(XLoraHubError, FileNotFoundError):
     """A LoRA expert could not be found locally or on the Hub."""
 

@@ -171,6 +171,7 @@ class XLoraModel(XLoraHubMixin, nn.Module):
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             force_download=force_download,
+            base_model=base_model,
         )
         check_experts_fit(base_model, config, resolved)  # everything that can fail, before the base is modified
         move_base_model(base_model, device=device, torch_dtype=torch_dtype)

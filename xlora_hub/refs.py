@@ -22,16 +22,23 @@ __all__ = [
     "is_commit_sha",
     "is_hub_repo_id",
     "is_local_argument",
+    "is_sha256",
     "is_stored_hub_id",
 ]
 
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _PATH_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
 
 
 def is_commit_sha(value: object) -> bool:
     """True for a full 40-hex lowercase git commit sha (what the Hub reports as ``sha``)."""
     return isinstance(value, str) and _COMMIT_SHA.fullmatch(value) is not None
+
+
+def is_sha256(value: object) -> bool:
+    """True for a 64-hex lowercase sha256 digest (what the Hub reports as a file's LFS oid)."""
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
 
 
 def is_hub_repo_id(value: object) -> bool:

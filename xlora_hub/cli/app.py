@@ -8,13 +8,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import bench, convert, create, demo, generate, info, pull, push, space, train
+from . import bench, check, convert, create, demo, generate, info, pull, push, space, train
 from .bench import split_bench_args
 from .errors import report_error
 from .options import EXIT_USAGE, PROG, HelpFormatter, UsageError, common_parent, examples
 from .output import output_settings
 
-COMMANDS = (create, train, info, generate, push, pull, convert, demo, space, bench)
+COMMANDS = (create, train, info, check, generate, push, pull, convert, demo, space, bench)
 """The command modules, in the order ``--help`` lists them."""
 
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"{PROG} create my-org/base my-org/lora-math my-org/lora-code -o ./mix",
             f"{PROG} train ./mix --data train.jsonl --epochs 2",
             f"{PROG} push ./mix my-org/my-mixture",
+            f"{PROG} check my-org/my-mixture",
             f"{PROG} generate my-org/my-mixture 'What is 2+3?' --show-routing",
             f"Run `{PROG} COMMAND --help` for the options of each command.",
         ),

@@ -15,13 +15,15 @@ itself. Modules, one job each:
 * :mod:`.format`: the folder format's names, readers and header checks;
 * :mod:`.fetch` / :mod:`.open`: finding a mixture's files and its base model; everything a load does before building;
 * :mod:`.save` / :mod:`.push` / :mod:`.pull`: writing a folder, pushing a repo, downloading for offline use;
-* :mod:`.summary` / :mod:`.card` / :mod:`.tokenizer`: ``inspect_mixture``, the model card, the one tokenizer loader.
+* :mod:`.summary` / :mod:`.card` / :mod:`.tokenizer`: ``inspect_mixture``, the model card, the one tokenizer loader;
+* :mod:`.pins` / :mod:`.check`: expert weight files recorded by sha256 and checked, headers read remotely;
+  ``check_mixture`` (everything a load would refuse, found without downloading weights).
 """
 
 from __future__ import annotations
 
 from .api import clear_connection_errors, hub_api, hub_connection_error, hub_endpoint, transport_errors
-from .card import make_model_card
+from .card import ExpertFacts, licence_warnings, make_model_card, read_expert_facts
 from .card_evidence import (
     EVIDENCE_DIR,
     EVIDENCE_HEADING,
@@ -32,6 +34,7 @@ from .card_evidence import (
     expert_system,
     write_evidence,
 )
+from .check import Problem, check_mixture
 from .collection import check_collection_title, update_collection
 from .expert_checks import (
     adapter_tensor_shapes,
@@ -85,12 +88,14 @@ __all__ = [
     "MODEL_CARD_NAME",
     "PICKLE_WEIGHTS_NAME",
     "DownloadResult",
+    "ExpertFacts",
     "ExpertOrigin",
     "ExpertPlan",
     "ExpertSummary",
     "MixtureFiles",
     "MixtureSource",
     "MixtureSummary",
+    "Problem",
     "ResolvedExpert",
     "RoutingEvidence",
     "SystemScores",
@@ -101,6 +106,7 @@ __all__ = [
     "check_classifier_file",
     "check_collection_title",
     "check_expert_matches_model",
+    "check_mixture",
     "classifier_metadata",
     "classifier_shapes",
     "clear_connection_errors",
@@ -115,6 +121,7 @@ __all__ = [
     "hub_endpoint",
     "inspect_mixture",
     "load_base_model",
+    "licence_warnings",
     "load_tokenizer",
     "local_mixture_folder",
     "make_model_card",
@@ -123,6 +130,7 @@ __all__ = [
     "push_mixture",
     "read_adapter_config",
     "read_classifier_header",
+    "read_expert_facts",
     "read_mixture_config",
     "resolve_base_model_ref",
     "resolve_expert",

@@ -8,19 +8,49 @@ runs inside :func:`clear_connection_errors`, so such a failure reads the same wh
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
 from ..error_messages import connection_message, transport_error_types
 
-__all__ = ["clear_connection_errors", "hub_api", "hub_connection_error", "hub_endpoint", "transport_errors"]
+__all__ = [
+    "LIBRARY_NAME",
+    "clear_connection_errors",
+    "client_identity",
+    "hub_api",
+    "hub_connection_error",
+    "hub_endpoint",
+    "transport_errors",
+]
+
+LIBRARY_NAME = "xlora-hub"
+"""The library name the Hub sees in this package's user agent and in its model cards' ``library_name``."""
+
+
+def client_identity() -> dict[str, str]:
+    """``library_name`` / ``library_version`` for every ``HfApi`` and download call, so the Hub's user agent
+    names xlora-hub (the Hub counts and routes requests by it). The version is the installed package's."""
+    return {"library_name": LIBRARY_NAME, "library_version": _release()}
+
+
+@functools.lru_cache(maxsize=1)
+def _release() -> str:
+    """The installed package's version, read once (the package metadata does not change while it runs)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(LIBRARY_NAME)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
 
 
 def hub_api(token: str | bool | None) -> Any:
-    """An ``HfApi`` client for ``token`` (imported on first use, so the package imports without the network stack)."""
+    """An ``HfApi`` client for ``token`` that names xlora-hub in its user agent (imported on first use, so the
+    package imports without the network stack)."""
     from huggingface_hub import HfApi
 
-    return HfApi(token=token)
+    return HfApi(token=token, **client_identity())
 
 
 def transport_errors() -> tuple[type[BaseException], ...]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -23,13 +23,19 @@ from ..refs import is_stored_hub_id
 from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ResolvedExpert
 
 __all__ = [
+    "FLOAT_DTYPES",
+    "adapter_tensor_header",
     "adapter_tensor_shapes",
     "check_expert_matches_model",
+    "check_factor_dtypes",
     "read_adapter_config",
     "warn_on_base_mismatch",
 ]
 
 logger = logging.getLogger(__name__)
+
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+"""safetensors dtypes a LoRA factor may have (peft casts between them; an integer or bool factor is a wrong file)."""
 
 
 def read_adapter_config(expert: ResolvedExpert) -> dict[str, Any]:
@@ -143,10 +149,15 @@ def _check_lora_values(name: str, config: dict[str, Any]) -> None:
 
 def adapter_tensor_shapes(expert: ResolvedExpert) -> dict[str, list[int]]:
     """Tensor name -> shape from the safetensors header (no tensor is read)."""
+    return {key: shape for key, (shape, _) in adapter_tensor_header(expert).items()}
+
+
+def adapter_tensor_header(expert: ResolvedExpert) -> dict[str, tuple[list[int], str]]:
+    """Tensor name -> (shape, safetensors dtype) from the local file's header (no tensor is read)."""
     path = expert.local_dir / ADAPTER_WEIGHTS_NAME
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+            return {key: (list(f.get_slice(key).get_shape()), str(f.get_slice(key).get_dtype())) for key in f.keys()}
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers
         raise IncompatibleExpertError(
             f"Expert {expert.name!r}: {path} is not a readable safetensors file ({err}). Download it again "
@@ -253,15 +264,32 @@ def _resolve_module_name(module_name: str, modules: dict[str, nn.Module]) -> str
     return matches[0] if len(matches) == 1 else None
 
 
-def check_expert_matches_model(expert: ResolvedExpert, model: nn.Module) -> None:
+def check_factor_dtypes(name: str, header: Mapping[str, tuple[list[int], str]]) -> None:
+    """Refuse an expert whose weight file holds a tensor of a non-float dtype (it is not a set of LoRA factors)."""
+    bad = sorted((key, dtype) for key, (_, dtype) in header.items() if dtype not in FLOAT_DTYPES)
+    if bad:
+        raise IncompatibleExpertError(
+            f"Expert {name!r}: {ADAPTER_WEIGHTS_NAME} holds {len(bad)} tensor(s) of a non-float dtype "
+            f"({short_repr(bad[:3])}); LoRA factors are F32, F16, BF16 or F64. Re-save the trained adapter with peft."
+        )
+
+
+def check_expert_matches_model(
+    expert: ResolvedExpert, model: nn.Module, *, header: Mapping[str, tuple[list[int], str]] | None = None
+) -> set[str]:
     """Check the expert against its own tensors and the base model, from the file header, before peft sees it.
 
-    The tensors must be LoRA factors of modules the base model has, each with both A and B, of the rank
+    The tensors must be float LoRA factors of modules the base model has, each with both A and B, of the rank
     ``r`` (or ``rank_pattern``) says and the sizes of the module; the modules ``target_modules`` selects
-    (peft's own matching) must be exactly the modules with tensors, and adaptable by LoRA.
+    (peft's own matching) must be exactly the modules with tensors, and adaptable by LoRA. ``header`` is the
+    weight file's header read remotely (:func:`xlora_hub.hub.pins.remote_tensor_header`), so a Hub expert is
+    checked before its weights are downloaded; without it the local file's header is read. Returns the base
+    model's names of the modules the expert adapts (they become X-LoRA layers).
     """
     adapter = read_adapter_config(expert)
-    shapes = adapter_tensor_shapes(expert)
+    header = adapter_tensor_header(expert) if header is None else header
+    check_factor_dtypes(expert.name, header)
+    shapes = {key: list(shape) for key, (shape, _) in header.items()}
     if not shapes:
         raise IncompatibleExpertError(
             f"Expert {expert.name!r}: {ADAPTER_WEIGHTS_NAME} holds no tensors, so the expert would do nothing. "
@@ -279,6 +307,7 @@ def check_expert_matches_model(expert: ResolvedExpert, model: nn.Module) -> None
         _check_factors(expert, adapter, module_name, modules[resolved], factors)
         by_module[resolved] = factors
     _check_targets(expert, adapter, model, modules, set(by_module))
+    return set(by_module)
 
 
 def _check_targets(

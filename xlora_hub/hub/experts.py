@@ -10,8 +10,9 @@ The checks against the base model live in :mod:`.expert_checks`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -20,17 +21,21 @@ from ..config import ExpertRef
 from ..errors import ExpertNotFoundError, IncompatibleExpertError, InvalidMixtureError
 from ..paths import resolve_inside
 from ..refs import is_local_argument
+from .api import client_identity
+from .pins import TensorHeader, check_expert_digest, remote_tensor_header
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "PICKLE_WEIGHTS_NAME",
     "ExpertOrigin",
+    "HeaderCheck",
     "ResolvedExpert",
     "cached_commit_sha",
     "resolve_expert",
     "safe_relative_path",
     "snapshot_sha",
+    "weights_path_in_repo",
 ]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -56,10 +61,15 @@ class ResolvedExpert:
     origin: ExpertOrigin = "local"
 
     def pinned_ref(self) -> ExpertRef:
-        """The ref pinned to the commit it resolved to (Hub experts only)."""
+        """The ref pinned to the commit it resolved to (Hub experts only; a recorded digest is kept)."""
         if self.ref.is_hub and self.commit_sha and not self.ref.is_pinned:
-            return ExpertRef(repo_id=self.ref.repo_id, revision=self.commit_sha, subfolder=self.ref.subfolder)
+            return dataclasses.replace(self.ref, revision=self.commit_sha)
         return self.ref
+
+
+HeaderCheck = Callable[[ResolvedExpert, TensorHeader], None]
+"""Checks a Hub expert (its adapter config downloaded, ``local_dir`` holding it) against the base model from its
+weight file's header read remotely, before the weights are downloaded (:func:`resolve_expert`'s ``precheck``)."""
 
 
 def safe_relative_path(value: str, *, what: str) -> PurePosixPath:
@@ -75,6 +85,13 @@ def safe_relative_path(value: str, *, what: str) -> PurePosixPath:
             f"{what} {value!r} escapes the mixture: only relative paths inside it are allowed (no '..', no absolute path)."
         )
     return path
+
+
+def weights_path_in_repo(ref: ExpertRef, *, name: str) -> str:
+    """Where a Hub expert's ``adapter_model.safetensors`` is inside its repo (its subfolder, checked to stay inside)."""
+    if not ref.subfolder:
+        return ADAPTER_WEIGHTS_NAME
+    return f"{safe_relative_path(ref.subfolder, what=f'Expert {name!r} subfolder')}/{ADAPTER_WEIGHTS_NAME}"
 
 
 def cached_commit_sha(repo_id: str, *, cache_dir: str | os.PathLike[str] | None = None) -> str | None:
@@ -109,15 +126,24 @@ def resolve_expert(
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     force_download: bool = False,
+    precheck: HeaderCheck | None = None,
 ) -> ResolvedExpert:
     """Find (and for Hub refs, download) the adapter files of one expert.
 
-    ``base_dir`` is the mixture folder that relative ``path`` refs are resolved against.
+    ``base_dir`` is the mixture folder that relative ``path`` refs are resolved against. For a Hub expert whose
+    weights are not in the cache yet, ``precheck`` is called with the weight file's header read remotely before
+    the weights are downloaded; a downloaded file is checked against the ``sha256``/``size`` the ref records.
     """
     if not ref.is_hub:
         return _resolve_local_expert(name, ref, base_dir=base_dir)
     return _resolve_hub_expert(
-        name, ref, token=token, cache_dir=cache_dir, local_files_only=local_files_only, force_download=force_download
+        name,
+        ref,
+        precheck=precheck,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        force_download=force_download,
     )
 
 
@@ -148,18 +174,29 @@ def _resolve_local_expert(name: str, ref: ExpertRef, *, base_dir: str | os.PathL
     return ResolvedExpert(name=name, ref=ref, local_dir=folder.resolve(), origin=origin)
 
 
-def _resolve_hub_expert(name: str, ref: ExpertRef, **hub: Any) -> ResolvedExpert:
-    """A Hub expert: its two adapter files downloaded at one commit (``hub``: token, cache and download options)."""
+def _resolve_hub_expert(name: str, ref: ExpertRef, *, precheck: HeaderCheck | None, **hub: Any) -> ResolvedExpert:
+    """A Hub expert: its two adapter files downloaded at one commit (``hub``: token, cache and download options),
+    the weights' header checked remotely first (``precheck``) and the downloaded file against the recorded digest."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
     subfolder = str(safe_relative_path(ref.subfolder, what=f"Expert {name!r} subfolder")) if ref.subfolder else None
-    kwargs: dict[str, Any] = dict(repo_id=ref.repo_id, subfolder=subfolder, **hub)
+    kwargs: dict[str, Any] = dict(repo_id=ref.repo_id, subfolder=subfolder, **hub, **client_identity())
     where = f"{ref.repo_id}" + (f" (subfolder {subfolder!r})" if subfolder else "")
     with _hub_expert_errors(name, ref, where):
         config_path = hf_hub_download(filename=ADAPTER_CONFIG_NAME, revision=ref.revision, **kwargs)
         sha = snapshot_sha(config_path)
         try:
+            if precheck is not None and _needs_download(name, ref, sha or ref.revision, **hub):
+                header = remote_tensor_header(
+                    ref.repo_id,
+                    weights_path_in_repo(ref, name=name),
+                    revision=sha or ref.revision,
+                    token=hub.get("token"),
+                    what=f"Expert {name!r}",
+                )
+                found = ResolvedExpert(name, ref, Path(config_path).parent, commit_sha=sha, origin="hub")
+                precheck(found, header)  # shapes and dtypes against the base model, no weight downloaded yet
             weights_path = hf_hub_download(filename=ADAPTER_WEIGHTS_NAME, revision=sha or ref.revision, **kwargs)
         except RemoteEntryNotFoundError:  # not LocalEntryNotFoundError, also an EntryNotFoundError
             raise IncompatibleExpertError(
@@ -170,7 +207,23 @@ def _resolve_hub_expert(name: str, ref: ExpertRef, **hub: Any) -> ResolvedExpert
     folder = Path(weights_path).parent
     if Path(config_path).parent != folder:  # pragma: no cover - both live in one snapshot folder
         raise InvalidMixtureError(f"Expert {name!r}: adapter files of {where} were resolved to different commits.")
+    check_expert_digest(name, ref, weights_path, revision=sha)  # the bytes the mixture was made with, or an error
     return ResolvedExpert(name=name, ref=ref, local_dir=folder, commit_sha=sha, origin="hub")
+
+
+def _needs_download(name: str, ref: ExpertRef, revision: str | None, **hub: Any) -> bool:
+    """Whether the expert's weights would be downloaded (online, not forced from cache, not cached at ``revision``)."""
+    if hub.get("local_files_only"):
+        return False
+    if hub.get("force_download"):
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    assert ref.repo_id is not None
+    cached = try_to_load_from_cache(
+        ref.repo_id, weights_path_in_repo(ref, name=name), revision=revision, cache_dir=hub.get("cache_dir")
+    )
+    return not isinstance(cached, str)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from ..errors import ExpertNotFoundError, IncompatibleExpertError, InvalidMixtur
 from ..paths import resolve_inside
 from ..refs import has_path_syntax
 from ..staging import recover_folder
-from .api import clear_connection_errors
+from .api import clear_connection_errors, client_identity
 from .experts import ADAPTER_WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, safe_relative_path, snapshot_sha
 from .format import EXPERT_FILES, read_mixture_config
 
@@ -65,7 +65,7 @@ def _download(repo_id: str, filename: str, *, revision: str | None, what: str, *
 
     try:
         with clear_connection_errors(f"{what}, file {filename}", token=hub.get("token")):
-            return Path(hf_hub_download(repo_id, filename, revision=revision, **hub))
+            return Path(hf_hub_download(repo_id, filename, revision=revision, **hub, **client_identity()))
     except RemoteEntryNotFoundError:
         raise InvalidMixtureError(
             f"{what}: the repo has no {filename} at revision {revision or 'main'!r}. "
@@ -147,7 +147,7 @@ def _download_bundled_expert(repo_id: str, name: str, subdir: str, *, revision: 
     for filename in EXPERT_FILES:
         try:
             with clear_connection_errors(f"{what}, bundled expert {name!r}", token=hub.get("token")):
-                hf_hub_download(repo_id, f"{subdir}/{filename}", revision=revision, **hub)
+                hf_hub_download(repo_id, f"{subdir}/{filename}", revision=revision, **hub, **client_identity())
         except RemoteEntryNotFoundError:
             if filename == ADAPTER_WEIGHTS_NAME:
                 raise IncompatibleExpertError(

@@ -17,6 +17,7 @@ from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, FORMAT_VERSION, XLora
 from ..config_checks import check_classifier_size
 from ..errors import InvalidConfigError, InvalidMixtureError, UnsupportedFormatError, short_repr
 from ..jsonfile import read_json_object
+from .api import LIBRARY_NAME
 from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, safe_relative_path
 
 __all__ = [
@@ -36,8 +37,7 @@ __all__ = [
 
 MODEL_CARD_NAME = "README.md"
 EXPERTS_DIR = "experts"
-LIBRARY_NAME = "xlora-hub"
-CARD_TAGS = ("x-lora", "lora", "mixture-of-experts")
+CARD_TAGS = ("x-lora", "lora", "mixture-of-experts", "moe")
 EXPERT_FILES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
 
 # Settings shown in the card and the summary (everything in XLoraConfig but the structural fields).

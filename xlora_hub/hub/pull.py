@@ -9,6 +9,7 @@ from pathlib import Path
 from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME, BaseModelRef
 from ..errors import InvalidConfigError
 from ..refs import is_local_argument, is_stored_hub_id
+from .api import client_identity
 from .experts import resolve_expert
 from .fetch import fetch_mixture
 from .format import check_classifier_file, read_mixture_config
@@ -55,7 +56,11 @@ def download_mixture(
     else:
         source = fetch_mixture(repo_id_or_path, revision=revision, with_weights=False, **hub)  # config checked first
         commit, label = source.commit, repo_id_or_path
-        folder = Path(snapshot_download(repo_id_or_path, revision=commit or revision, local_dir=local_dir, **hub))
+        folder = Path(
+            snapshot_download(
+                repo_id_or_path, revision=commit or revision, local_dir=local_dir, **hub, **client_identity()
+            )
+        )
         config = read_mixture_config(folder / CONFIG_NAME, what=f"Mixture {label!r}")
         check_classifier_file(folder / CLASSIFIER_WEIGHTS_NAME, config, what=f"Mixture {label!r}")
     result = DownloadResult(mixture=label, folder=folder, commit=commit)
@@ -80,5 +85,7 @@ def _download_base_model(base: BaseModelRef | None, *, include: bool, **hub: obj
         return f"{base.repo_id} (local folder, not downloaded)"
     if not include:
         return None
-    path = snapshot_download(base.repo_id, revision=base.revision, allow_patterns=BASE_MODEL_PATTERNS, **hub)
+    path = snapshot_download(
+        base.repo_id, revision=base.revision, allow_patterns=BASE_MODEL_PATTERNS, **hub, **client_identity()
+    )
     return f"{base.repo_id}@{Path(path).name}"

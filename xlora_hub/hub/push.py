@@ -19,11 +19,12 @@ from ..errors import ExpertNotFoundError, InvalidMixtureError
 from ..jsonfile import read_json_object
 from ..refs import hub_url, is_commit_sha, is_stored_hub_id
 from .api import clear_connection_errors, hub_api
-from .card import make_model_card
+from .card import ExpertFacts, licence_warnings, make_model_card, read_expert_facts
 from .card_evidence import EVIDENCE_DIR, write_evidence
 from .collection import check_collection_title, update_collection
-from .experts import ADAPTER_CONFIG_NAME, ResolvedExpert
+from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ResolvedExpert, weights_path_in_repo
 from .format import EXPERT_FILES, EXPERTS_DIR, MODEL_CARD_NAME
+from .pins import locked_ref
 from .save import bundled_names, plan_experts, write_mixture
 
 if TYPE_CHECKING:
@@ -171,12 +172,16 @@ def push_mixture(
     with clear_connection_errors(f"Pushing the mixture to {repo_id!r}", token=token, download=False):
         api = hub_api(token)
         overrides = _pinned_hub_refs(model, api, bundle_experts=bundle_experts)  # read-only: before anything is made
+        overrides = _locked_refs(model, api, overrides)  # digests recorded, the loaded copies checked
+        facts = _expert_facts(api, overrides)
         base = _pushed_base_model(model, repo_id, base_model, api)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # with the user's namespace
         if push_local_experts and not bundle_experts and not model.xlora_config.use_trainable_adapters:
             for expert in local:
                 repo = expert_repo_id(repo_id, expert.name)
-                overrides[expert.name] = _push_expert(api, expert, repo, mixture=repo_id, private=private)
+                pushed = _push_expert(api, expert, repo, mixture=repo_id, private=private)
+                overrides[expert.name] = _locked_refs(model, api, {expert.name: pushed})[expert.name]
+                facts[expert.name] = ExpertFacts()  # its new repo: no licence in its card, not gated
         plans = plan_experts(model, bundle_experts=bundle_experts, overrides=overrides)
         info = _upload(
             model,
@@ -188,6 +193,7 @@ def push_mixture(
             commit_message=commit_message,
             create_pr=create_pr,
             evidence=evidence,
+            facts=facts,
         )
         if collection is not None:
             _collect(api, collection, repo_id, overrides, base, private=private)
@@ -210,6 +216,29 @@ def _pinned_hub_refs(model: XLoraModel, api: Any, *, bundle_experts: bool) -> di
     return {expert.name: _pin(expert, api) for expert in model.experts if expert.ref.is_hub}
 
 
+def _locked_refs(model: XLoraModel, api: Any, refs: dict[str, ExpertRef]) -> dict[str, ExpertRef]:
+    """Each pinned Hub ref with the sha256 and size of its weight file as the Hub reports them (format version 2),
+    the loaded copy checked to be that file."""
+    experts = {expert.name: expert for expert in model.experts}
+    out = {}
+    for name, ref in refs.items():
+        local = experts[name].local_dir / ADAPTER_WEIGHTS_NAME if name in experts else None
+        path = weights_path_in_repo(ref, name=name)
+        out[name] = locked_ref(
+            api, name, ref, path_in_repo=path, local_file=local if local and local.is_file() else None
+        )
+    return out
+
+
+def _expert_facts(api: Any, refs: dict[str, ExpertRef]) -> dict[str, ExpertFacts]:
+    """Each Hub expert's licence and gating for the card, each reason for care logged as a warning (the CLI
+    prints it on stderr)."""
+    facts = read_expert_facts(api, refs)
+    for line in licence_warnings(facts):
+        logger.warning("%s", line.replace("`", "'"))
+    return facts
+
+
 def _upload(
     model: XLoraModel, api: Any, repo_id: str, plans: list[Any], base: BaseModelRef | None, **options: Any
 ) -> CommitInfo:
@@ -220,7 +249,8 @@ def _upload(
         if base is None and model.xlora_config.base_model is not None:
             config = config.replace(base_model=None)
             config.save(Path(tmp) / CONFIG_NAME)
-            make_model_card(config, repo_id=repo_id).save(str(Path(tmp) / MODEL_CARD_NAME))
+        card = make_model_card(config, repo_id=repo_id, experts=options["facts"])  # with licences and gating
+        card.save(str(Path(tmp) / MODEL_CARD_NAME))
         if options["evidence"] is not None:
             write_evidence(Path(tmp), options["evidence"], repo_id=repo_id, card_name=MODEL_CARD_NAME)
         _drop_local_base_paths(Path(tmp) / EXPERTS_DIR)

@@ -1,0 +1,134 @@
+"""Lockfile-grade expert references: each Hub expert's weight file recorded by sha256 and size, checked at load.
+
+A pinned commit names a tree, but nothing in ``huggingface_hub`` checks that the bytes it downloads are that
+tree's (it names the cached blob after the ETag the server sends, and never hashes the file), so a rewritten
+revision or a mirror (``HF_ENDPOINT``) serving other bytes would load another expert. At push the Hub's own
+record of the file (its LFS oid: a sha256, and its size, from ``HfApi.get_paths_info``) goes into the config;
+at load the downloaded file is hashed once and compared (:func:`check_expert_digest`). The expert's tensor
+header is also read remotely (:func:`remote_tensor_header`, a ``Range`` read of the header only), so shapes
+and dtypes are checked against the base model before any weight is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from ..config import ExpertRef
+from ..errors import ExpertDigestError, IncompatibleExpertError, InvalidMixtureError
+from .api import hub_api
+
+__all__ = [
+    "TensorHeader",
+    "check_expert_digest",
+    "file_sha256",
+    "git_blob_sha1",
+    "locked_ref",
+    "remote_file_record",
+    "remote_tensor_header",
+]
+
+TensorHeader = dict[str, tuple[list[int], str]]
+"""Tensor name -> (shape, safetensors dtype such as ``"F32"``), read from a safetensors header."""
+
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file, read once in 1 MiB chunks (never whole into memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def git_blob_sha1(path: str | os.PathLike[str]) -> str:
+    """The git blob id of a file (what the Hub reports as ``blob_id`` for a file not stored in LFS)."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha1(b"blob %d\0" % size)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_expert_digest(name: str, ref: ExpertRef, path: str | os.PathLike[str], *, revision: str | None) -> None:
+    """Refuse a downloaded weight file whose size or sha256 is not what the mixture recorded (no record: no check).
+
+    The error names the expert, its repo and revision and both digests, and says what to do.
+    """
+    if ref.sha256 is None and ref.size is None:
+        return
+    size = os.path.getsize(path)
+    got = file_sha256(path) if ref.sha256 is not None else None
+    if (ref.size is None or size == ref.size) and (ref.sha256 is None or got == ref.sha256):
+        return
+    where = f"{ref.repo_id}@{revision or ref.revision or 'main'}" + (
+        f" (subfolder {ref.subfolder!r})" if ref.subfolder else ""
+    )
+    raise ExpertDigestError(
+        f"Expert {name!r} ({where}): the downloaded {Path(path).name} has sha256 {got or 'not computed'} "
+        f"({size:,d} bytes) but the mixture recorded sha256 {ref.sha256 or 'none'}"
+        + (f" ({ref.size:,d} bytes)" if ref.size is not None else "")
+        + ". These are not the bytes the mixture was made with: the revision was rewritten, or the endpoint "
+        "(HF_ENDPOINT, a mirror) or the local cache serves other bytes. Download it again "
+        "(`force_download=True`); if it still differs, do not use this mixture until its author pushes it again."
+    )
+
+
+def remote_file_record(api: Any, repo_id: str, path_in_repo: str, *, revision: str) -> tuple[str | None, str, int]:
+    """(LFS sha256 or ``None`` for a plain git file, git blob id, size) of one file as the Hub reports it."""
+    infos = api.get_paths_info(repo_id, [path_in_repo], revision=revision)
+    entry = next((i for i in infos if getattr(i, "path", None) == path_in_repo and hasattr(i, "blob_id")), None)
+    if entry is None:
+        raise InvalidMixtureError(f"{repo_id}@{revision} has no file {path_in_repo}.")
+    lfs = getattr(entry, "lfs", None)
+    return (getattr(lfs, "sha256", None) if lfs is not None else None), entry.blob_id, int(entry.size)
+
+
+def locked_ref(api: Any, name: str, ref: ExpertRef, *, path_in_repo: str, local_file: Path | None) -> ExpertRef:
+    """``ref`` (pinned to a commit) with the sha256 and size of its weight file as the Hub reports them.
+
+    A file the Hub keeps in LFS is recorded by its LFS oid; a plain git file by the sha256 of ``local_file``
+    once its git blob id matches the Hub's. A loaded copy (``local_file``) that is not the Hub's file is
+    refused: the mixture would record an expert it was not made with.
+    """
+    assert ref.repo_id is not None and ref.revision is not None
+    path = path_in_repo
+    sha256, blob_id, size = remote_file_record(api, ref.repo_id, path, revision=ref.revision)
+    if local_file is not None:
+        local = file_sha256(local_file) if sha256 is not None else None
+        same = local == sha256 if sha256 is not None else git_blob_sha1(local_file) == blob_id
+        if not same:
+            raise InvalidMixtureError(
+                f"Expert {name!r}: the copy this mixture was built with ({local_file}) is not {ref.repo_id}@"
+                f"{ref.revision}'s {path} (sha256 {local or 'n/a'} vs {sha256 or 'git blob ' + blob_id}); reload the "
+                "mixture with `force_download=True` before pushing it. Nothing was pushed."
+            )
+        if sha256 is None:
+            sha256 = file_sha256(local_file)
+    if sha256 is None:  # a plain git file and no local copy: only its size is recorded
+        return dataclasses.replace(ref, size=size)
+    return dataclasses.replace(ref, sha256=sha256, size=size)
+
+
+def remote_tensor_header(
+    repo_id: str, path_in_repo: str, *, revision: str | None, token: str | bool | None, what: str
+) -> TensorHeader:
+    """Tensor shapes and dtypes of a safetensors file on the Hub, from its header only (ranged reads: no weight is
+    downloaded), through ``HfApi.parse_safetensors_file_metadata``."""
+    from huggingface_hub.errors import SafetensorsParsingError
+
+    api = hub_api(token)
+    try:
+        meta = api.parse_safetensors_file_metadata(repo_id, path_in_repo, revision=revision)
+    except SafetensorsParsingError as err:
+        raise IncompatibleExpertError(
+            f"{what}: {repo_id}@{revision or 'main'}'s {path_in_repo} has no readable safetensors header ({err}). "
+            "It is truncated or not a safetensors file; its author must push it again."
+        ) from None
+    return {key: (list(info.shape), str(info.dtype)) for key, info in meta.tensors.items()}
