@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "XLoraModel": "model",
     "XLoraCache": "cache",
+    "XLoraStaticCache": "cache",
     "XLoraClassifier": "classifier",
     "inspect_mixture": "hub",
     "MixtureSummary": "hub",
@@ -36,7 +37,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cache import XLoraCache
+    from .cache import XLoraCache, XLoraStaticCache
     from .classifier import XLoraClassifier
     from .demo import load_demo_mixture
     from .hub import ExpertSummary, MixtureSummary, inspect_mixture
@@ -72,6 +73,7 @@ __all__ = [
     "XLoraConfig",
     "XLoraHubError",
     "XLoraModel",
+    "XLoraStaticCache",
     "XLoraTrainer",
     "__version__",
     "inspect_mixture",

@@ -109,6 +109,7 @@ class XLoraModel(XLoraHubMixin, nn.Module):
         self._scalings_logging = False
         self._scalings_log: list[torch.Tensor] = []
         self._decoder = Decoder(model)  # decoding state: the cache argument's name, warnings said
+        self.lookahead_acceptance: float | None = None  # of the last generate call (None: no look-ahead ran)
 
         names = xlora_config.expert_names
         self.xlora_layers: list[XLoraLayer] = wrap_lora_layers(model, expert_names=names, routing=self.routing)
@@ -280,10 +281,14 @@ class XLoraModel(XLoraHubMixin, nn.Module):
         """Run the scaling pass and the classifier: scalings ``[batch, seq, n_layers, n_experts]``."""
         hidden = self._last_hidden_state(model_kwargs, cache)
         scalings = self.classifier(hidden.to(self.classifier.last_layer.weight.device))
+        self._note_scalings(scalings)
+        return scalings
+
+    def _note_scalings(self, scalings: torch.Tensor) -> None:
+        """Keep ``scalings`` as the latest (and in the log when logging): every real pass's scalings pass here."""
         self._latest_scalings = scalings
         if self._scalings_logging:
             self._scalings_log.append(scalings.detach())
-        return scalings
 
     def forward(
         self,
@@ -311,17 +316,26 @@ class XLoraModel(XLoraHubMixin, nn.Module):
 
     # ------------------------------------------------------------------ generation (xlora_hub.generation)
     @torch.no_grad()
-    def generate(self, *args: Any, routing: str = "dynamic", **kwargs: Any):
+    def generate(self, *args: Any, routing: str = "dynamic", scaling_lookahead: bool | str = False, **kwargs: Any):
         """``transformers`` generation with X-LoRA, KV-cached in both passes unless ``use_cache=False``.
 
         Takes every argument of ``model.generate`` (greedy, sampling, beam search, ``max_new_tokens``,
-        ``eos_token_id``, left-padded batches...).
+        ``eos_token_id``, left-padded batches...). ``cache_implementation="static"`` puts both passes on
+        ``StaticCache`` (an :class:`~xlora_hub.cache.XLoraStaticCache`), which transformers' auto-compile of the
+        decode step (``compile_config``) needs.
 
         ``routing="static"`` runs the scaling pass once, on the prompt, and routes every token of each
         sequence with the prompt's mean scalings: generation then costs about one pass per token. It
         changes the outputs (the default, ``"dynamic"``, is the X-LoRA of the paper and of peft).
+
+        ``scaling_lookahead=True`` runs each token's real pass and the next token's scaling pass (over the
+        scaling pass's own guess) as one batched forward: the same tokens, about one forward per token when the
+        guesses are right (:mod:`xlora_hub.lookahead`); ``"auto"`` turns it off for the rest of a call whose
+        guesses are mostly wrong. Greedy and sampling, dynamic and static caches; not beam search. The share of
+        guesses confirmed is :attr:`lookahead_acceptance` afterwards (and ``lookahead_acceptance`` of the output
+        with ``return_dict_in_generate=True``).
         """
-        return self._decoder.generate(self, *args, routing=routing, **kwargs)
+        return self._decoder.generate(self, *args, routing=routing, scaling_lookahead=scaling_lookahead, **kwargs)
 
     # ------------------------------------------------------------------ control API (peft's names)
     def set_topk_lora(self, value: int | None) -> None:
