@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import CACHE_ARGUMENTS, XLORA_CACHE_TYPES, XLoraCache, XLoraStaticCache, cache_argument, take_xlora_cache
-from .lookahead import LOOKAHEAD_MODES, lookahead_loop
+from .lookahead import LOOKAHEAD_MODES, XLoraGenerateOutput, lookahead_loop
 from .scalings import process_scalings, prompt_mean
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,6 +82,14 @@ def cache_implementation(model: XLoraModel, kwargs: dict[str, Any]) -> str | Non
             "transformers' StaticCache. Generate without `cache_implementation`."
         )
     return None if value == "dynamic" else value
+
+
+def with_acceptance(output: Any) -> Any:
+    """A decoder-only ``generate`` output as :class:`XLoraGenerateOutput` (``lookahead_acceptance=None``: the plain
+    path), so that every X-LoRA output carries the field; tensors and other outputs pass unchanged."""
+    if type(output) is GenerateDecoderOnlyOutput:
+        return XLoraGenerateOutput(**dict(output.items()), lookahead_acceptance=None)
+    return output
 
 
 def check_lookahead(model: XLoraModel, routing: str, kwargs: dict[str, Any]) -> None:
@@ -273,7 +282,7 @@ class Decoder:
         hooks = self.step_routing(model)
         hooks.start(model, routing)
         try:
-            return model.model.generate(*args, **kwargs)
+            return with_acceptance(model.model.generate(*args, **kwargs))
         finally:
             hooks.stop()
             model.routing.scalings = None
