@@ -39,7 +39,7 @@ from .building import (
     with_quantization,
     wrap_lora_layers,
 )
-from .cache import CACHE_ARGUMENTS, XLoraCache
+from .cache import CACHE_ARGUMENTS, XLoraCache, XLoraStaticCache
 from .classifier import XLoraClassifier
 from .config import ExpertRef, XLoraConfig
 from .errors import InvalidMixtureError
@@ -336,6 +336,35 @@ class XLoraModel(XLoraHubMixin, nn.Module):
         with ``return_dict_in_generate=True``).
         """
         return self._decoder.generate(self, *args, routing=routing, scaling_lookahead=scaling_lookahead, **kwargs)
+
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: XLoraCache | XLoraStaticCache,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One decoding step by hand: both passes over ``input_ids`` ``[batch, 1]`` at ``position_ids``, writing
+        ``cache``; returns the last position's logits ``[batch, vocab]``. What :meth:`compile_decode_step` compiles."""
+        out = self(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    def compile_decode_step(self, *, backend: str = "inductor", mode: str | None = None):
+        """:meth:`decode_step` under ``torch.compile(fullgraph=True, dynamic=False)`` (no graph break: the routing
+        is tensors, the experts' stacked factors are built here, before capture). Use it with an
+        :class:`~xlora_hub.cache.XLoraStaticCache` and, for batches with padding, a 2D ``attention_mask`` of the
+        cache's full length (fixed shapes: one capture for every step). ``mode="reduce-overhead"`` adds CUDA
+        graphs on a GPU. Call it again after changing the experts' weights."""
+        for layer in self.xlora_layers:
+            layer.prepare_stack()
+        return torch.compile(self.decode_step, fullgraph=True, dynamic=False, backend=backend, mode=mode)
 
     # ------------------------------------------------------------------ control API (peft's names)
     def set_topk_lora(self, value: int | None) -> None:
