@@ -15,8 +15,12 @@ SAMPLING = {"max_new_tokens": NEW, "do_sample": True, "top_k": 4, "temperature":
 
 def _experts(root, scale):
     return {
-        "x": save_expert(tiny_llama, root / "e0", target_modules=["q_proj", "v_proj"], r=4, seed=1, scale=scale),
-        "y": save_expert(tiny_llama, root / "e1", target_modules=["o_proj", "down_proj"], r=2, seed=2, scale=scale),
+        "x": save_expert(
+            tiny_llama, root / "e0", target_modules=["q_proj", "v_proj", "embed_tokens"], r=4, seed=1, scale=scale
+        ),
+        "y": save_expert(
+            tiny_llama, root / "e1", target_modules=["o_proj", "down_proj", "lm_head"], r=2, seed=2, scale=scale
+        ),
     }
 
 
@@ -123,6 +127,28 @@ def test_auto_falls_back_when_guesses_fail(tmp_path):
         )
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_lookahead_on_other_architectures(arch, tmp_path):
+    from factories import tiny_gpt2, tiny_opt
+
+    factory, targets, extra = {
+        "gpt2": (tiny_gpt2, ["c_attn", "c_proj"], {"fan_in_fan_out": True}),
+        "opt": (tiny_opt, ["q_proj", "v_proj", "fc1"], {}),
+    }[arch]
+    experts = {
+        f"e{i}": save_expert(factory, tmp_path / f"e{i}", target_modules=targets, r=4, seed=i + 1, scale=0.1, **extra)
+        for i in range(2)
+    }
+    model = XLoraModel.from_experts(factory(), XLoraConfig(experts=experts))
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 2)
+    inputs = _batch("left-padded")
+    plain = model.generate(**inputs, **GREEDY)
+    assert model.generate(**inputs, **GREEDY, scaling_lookahead=True).tolist() == plain.tolist()
+    assert 0.0 < model.lookahead_acceptance < 1.0
+
+
 def test_unsupported_lookahead_combinations_are_refused(model):
     inputs = _batch("single")
     fix = "generate with `scaling_lookahead=False`"
@@ -134,6 +160,9 @@ def test_unsupported_lookahead_combinations_are_refused(model):
         model.generate(**inputs, **GREEDY, use_cache=False, scaling_lookahead=True)
     with pytest.raises(ValueError, match="`scaling_lookahead` must be True, False or 'auto', got 'yes'"):
         model.generate(**inputs, **GREEDY, scaling_lookahead="yes")
+    with pytest.raises(ValueError, match=rf"does not support `inputs_embeds`.*{fix}"):
+        embeds = model.model.get_input_embeddings()(inputs["input_ids"])
+        model.generate(inputs_embeds=embeds, **GREEDY, scaling_lookahead=True)
     filled = XLoraCache(config=model.config)
     with torch.no_grad():
         model(**inputs, cache=filled, use_cache=True)

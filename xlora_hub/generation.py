@@ -100,6 +100,7 @@ def check_lookahead(model: XLoraModel, routing: str, kwargs: dict[str, Any]) -> 
         "beam search (`num_beams > 1`)": beams > 1,
         '`routing="static"` (it has no scaling pass per token to look ahead)': routing != "dynamic",
         "an assistant model": kwargs.get("assistant_model") is not None,
+        "`inputs_embeds` (it feeds token ids to both passes)": kwargs.get("inputs_embeds") is not None,
         "a streamer": kwargs.get("streamer") is not None,
         "`output_attentions` / `output_hidden_states`": bool(
             kwargs.get("output_attentions", getattr(config, "output_attentions", False))
