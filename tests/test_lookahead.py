@@ -149,6 +149,34 @@ def test_lookahead_on_other_architectures(arch, tmp_path):
     assert 0.0 < model.lookahead_acceptance < 1.0
 
 
+def test_a_model_whose_logits_are_more_than_its_head_is_refused(tmp_path):
+    import transformers as tf
+
+    def tiny_gemma2():
+        torch.manual_seed(0)
+        config = tf.Gemma2Config(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            final_logit_softcapping=30.0,
+            pad_token_id=0,
+        )
+        return tf.Gemma2ForCausalLM(config).eval()
+
+    expert = save_expert(tiny_gemma2, tmp_path / "g0", target_modules=["q_proj"], r=2, seed=1)
+    model = XLoraModel.from_experts(tiny_gemma2(), XLoraConfig(experts={"a": expert, "b": expert}))
+    with pytest.raises(
+        ValueError,
+        match=r"Gemma2ForCausalLM: its logits are more than the LM head's "
+        r"\(final_logit_softcapping\)\. Generate with `scaling_lookahead=False`",
+    ):
+        model.generate(**_batch("single"), **GREEDY, scaling_lookahead=True)
+
+
 def test_unsupported_lookahead_combinations_are_refused(model):
     inputs = _batch("single")
     fix = "generate with `scaling_lookahead=False`"

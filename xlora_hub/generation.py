@@ -22,7 +22,7 @@ from torch import nn
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import CACHE_ARGUMENTS, XLORA_CACHE_TYPES, XLoraCache, XLoraStaticCache, cache_argument, take_xlora_cache
-from .lookahead import LOOKAHEAD_MODES, XLoraGenerateOutput, lookahead_loop
+from .lookahead import LOOKAHEAD_MODES, XLoraGenerateOutput, backbone_and_head, lookahead_loop, rows_forward
 from .scalings import process_scalings, prompt_mean
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,6 +108,8 @@ def check_lookahead(model: XLoraModel, routing: str, kwargs: dict[str, Any]) -> 
         ),
         "a model without a KV cache": not supports_cache(model),
     }
+    if supports_cache(model):
+        backbone_and_head(model.model)  # refuses a model whose logits are more than its LM head's
     for what, refused in refusals.items():
         if refused:
             raise ValueError(
@@ -192,6 +194,7 @@ class Decoder:
         self.warned_no_cache = False
         self.static_cache_length = 0  # the longest static cache made so far (transformers keeps the same)
         self.hooks: _StepRouting | None = None
+        self.compiled_rows: dict[str, Any] = {}  # look-ahead's compiled step, per compile setting
 
     def prepare_cache(self, model: XLoraModel, model_kwargs: dict[str, Any]) -> XLoraCache | None:
         """Pick the cache of one forward (in ``model_kwargs``): the caller's XLoraCache, a new one, or none."""
@@ -287,6 +290,14 @@ class Decoder:
         finally:
             hooks.stop()
             model.routing.scalings = None
+
+    def compiled_rows_forward(self, compile_config: Any):
+        """:func:`~xlora_hub.lookahead.rows_forward` compiled with ``compile_config`` (kept: one capture per
+        setting, reused by every look-ahead call over a static cache)."""
+        key = repr(sorted(compile_config.to_dict().items()))
+        if key not in self.compiled_rows:
+            self.compiled_rows[key] = torch.compile(rows_forward, **compile_config.to_dict())
+        return self.compiled_rows[key]
 
     def step_routing(self, model: XLoraModel) -> _StepRouting:
         """The routing hooks on the wrapped model, registered on the first call and kept (inactive between calls)."""

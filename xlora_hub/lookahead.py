@@ -34,7 +34,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import XLoraStaticCache
+from .cache import XLoraStaticCache, cache_argument
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import XLoraModel
@@ -97,12 +97,93 @@ def _rows(cache: Cache, rows: slice, *, static_length: int | None, config) -> Ca
     return part
 
 
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The wrapped model's backbone (its ``base_model``) and LM head: the scaling rows need the backbone's last
+    hidden state (the classifier's input, as in the plain scaling pass) and every row the head's logits."""
+    backbone = getattr(model, "base_model", model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    extra = [n for n in ("final_logit_softcapping", "logit_scale") if getattr(text, n, None) not in (None, 1, 1.0)]
+    if backbone is model or head is None or extra:
+        why = f"its logits are more than the LM head's ({', '.join(extra)})" if extra else "it has no separate LM head"
+        raise ValueError(
+            f"`scaling_lookahead` runs the backbone and the LM head of the model; {type(model).__name__}: {why}. "
+            "Generate with `scaling_lookahead=False` (the same tokens, two passes per token)."
+        )
+    return backbone, head
+
+
+def rows_forward(
+    backbone: nn.Module,
+    head: nn.Module,
+    cache_argument: str,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor,
+    cache: Cache,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone over one token per row, then the head: ``(logits [rows, 1, vocab], hidden [rows, 1, h])``.
+
+    A plain function of its inputs (the routing is read from the X-LoRA layers' state): what ``torch.compile``
+    captures for a static cache.
+    """
+    out = backbone(
+        input_ids=tokens,
+        position_ids=positions,
+        attention_mask=mask,
+        use_cache=True,
+        return_dict=True,
+        **{cache_argument: cache},
+    )
+    hidden = out.last_hidden_state
+    return head(hidden), hidden
+
+
+class _Mask:
+    """The 2D attention mask of the joined cache, one column per slot.
+
+    Over a static cache it is preallocated at the cache's full length (zeros beyond the slots written) and filled
+    in place, so every step has the same shapes and a compiled step is captured once; over a dynamic cache it
+    grows by one column per forward, as the cache does.
+    """
+
+    def __init__(self, prompt_mask: torch.Tensor, *, static_length: int | None) -> None:
+        self.length = prompt_mask.shape[1]
+        if static_length is None:
+            self.tensor = prompt_mask.long()
+        else:
+            self.tensor = prompt_mask.new_zeros((prompt_mask.shape[0], static_length), dtype=torch.long)
+            self.tensor[:, : self.length] = prompt_mask
+        self.static = static_length is not None
+
+    def add(self, column: torch.Tensor) -> torch.Tensor:
+        """Add the slot the next forward writes (``column``: 1 where the row attends to it); returns the mask."""
+        if self.static:
+            self.tensor[:, self.length] = column.long()
+        else:
+            self.tensor = torch.cat([self.tensor, column.long()[:, None]], dim=-1)
+        self.length += 1
+        return self.tensor
+
+    def set_last(self, column: torch.Tensor) -> None:
+        """Rewrite the last slot's column (a refused guess is forgotten)."""
+        self.tensor[:, self.length - 1] = column.long()
+
+    def rows(self, rows: slice) -> _Mask:
+        part = _Mask.__new__(_Mask)
+        part.length, part.static, part.tensor = self.length, self.static, self.tensor[rows].clone()
+        return part
+
+
 class _Stepper:
     """The forwards of one look-ahead call: the wrapped model run with per-row scalings, tokens and positions."""
 
     def __init__(self, xlora: XLoraModel, batch: int) -> None:
         self.xlora = xlora
         self.batch = batch
+        self.backbone, self.head = backbone_and_head(xlora.model)
+        self.cache_argument = cache_argument(self.backbone)
         config = xlora.xlora_config
         shape = (1, 1, xlora.n_layers if config.layerwise_scalings else 1, xlora.n_experts)
         weight = xlora.classifier.last_layer.weight
@@ -117,29 +198,26 @@ class _Stepper:
 
     def forward(
         self,
-        model: nn.Module,
+        step,
         tokens: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor,
         cache: Cache,
         routing: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per row; returns the last logits ``[rows, vocab]`` and last hidden states ``[rows, 1, h]``."""
+        """One token per row; returns the last logits ``[rows, vocab]`` (float32) and hidden states ``[rows, 1, h]``.
+
+        ``step`` is :func:`rows_forward` or its compiled form; the routing is set around it, as tensors it reads.
+        """
         self.xlora.routing.scalings = routing
         try:
-            out = model(
-                input_ids=tokens[:, None],
-                position_ids=positions[:, None],
-                attention_mask=mask,
-                use_cache=True,
-                output_hidden_states=True,
-                return_dict=True,
-                logits_to_keep=1,
-                **{self.xlora._decoder.cache_argument: cache},
+            logits, hidden = step(
+                self.backbone, self.head, self.cache_argument, tokens[:, None], positions[:, None], mask, cache
             )
         finally:
             self.xlora.routing.scalings = None
-        return out.logits[:, -1].float(), out.hidden_states[-1][:, -1:]
+        # copies: a compiled step (CUDA graphs) reuses its output buffers at the next call
+        return logits[:, -1].to(copy=True, dtype=torch.float32), hidden.clone()
 
     def real_routing(self, raw: torch.Tensor) -> torch.Tensor:
         """Real rows' processed scalings, then the scaling rows'; logs ``raw`` as the plain path does."""
@@ -215,24 +293,24 @@ def lookahead_loop(
     if isinstance(cache, XLoraStaticCache):
         static_length = prompt + 2 * (int(generation_config.max_length) - prompt) + 1
     joined = _joined(cache, cache.scaling_cache, static_length=static_length, config=xlora.config)
-    mask = torch.cat([mask, mask])
+    mask = _Mask(torch.cat([mask, mask]), static_length=static_length)
+    # a static joined cache has fixed shapes: the step compiles as transformers' own decode step does
+    step = rows_forward
+    if static_length and model._valid_auto_compile_criteria({"cache": joined}, generation_config):
+        step = xlora._decoder.compiled_rows_forward(generation_config.compile_config or model._default_compile_config())
     two = torch.arange(2 * batch, device=device) >= batch  # True on the scaling rows
     next_raw = None  # token's scalings, when its scaling pass has run
     guess = None
     redo = torch.ones(batch, dtype=torch.bool, device=device)
     steps = 0
     looking_ahead = True
-    while unfinished.max() > 0:
-        if not looking_ahead:
-            break
+    while looking_ahead and unfinished.max() > 0:
         if redo.any():  # the scaling pass over `token` for the rows whose guess was wrong (real rows idle)
-            column = torch.cat([torch.zeros_like(redo), redo])[:, None].long()
-            mask = torch.cat([mask, column], dim=-1)
             logits, hidden = stepper.forward(
-                model,
+                step,
                 torch.cat([token, token]),
                 torch.cat([position, position]),
-                mask,
+                mask.add(torch.cat([torch.zeros_like(redo), redo])),
                 joined,
                 torch.cat([stepper.scaling_rows, stepper.scaling_rows]),
             )
@@ -241,18 +319,16 @@ def lookahead_loop(
             if next_raw is None:
                 next_raw, guess = fresh, fresh_guess
             else:
-                pick = redo[:, None, None, None]
-                next_raw = torch.where(pick, fresh, next_raw)
+                next_raw = torch.where(redo[:, None, None, None], fresh, next_raw)
                 guess = torch.where(redo, fresh_guess, guess)
         if has_eos:  # a finished row is fed padding next: that is its guess
             guess = torch.where(unfinished.bool(), guess, pad)
         # the real pass over `token` and the scaling pass over the guess, in one forward
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         logits, hidden = stepper.forward(
-            model,
+            step,
             torch.cat([token, guess]),
             torch.cat([position, position + 1]),
-            mask,
+            mask.add(torch.ones_like(two)),
             joined,
             stepper.real_routing(next_raw),
         )
@@ -262,7 +338,7 @@ def lookahead_loop(
         accepted = token == guess
         acceptance.add(accepted, live)
         redo = ~accepted
-        mask[:, -1] = torch.where(two, torch.cat([accepted, accepted]), True).long()  # a wrong guess is forgotten
+        mask.set_last(torch.where(two, torch.cat([accepted, accepted]), True))  # a refused guess is forgotten
         next_raw = stepper.scalings(hidden[batch:])
         guess = logits[batch:].argmax(-1)
         steps += 1
@@ -271,16 +347,19 @@ def lookahead_loop(
     if unfinished.max() > 0:  # "auto" turned look-ahead off: plain two-pass steps on the split caches
         real = _rows(joined, slice(0, batch), static_length=static_length, config=xlora.config)
         scaling = _rows(joined, slice(batch, 2 * batch), static_length=static_length, config=xlora.config)
-        real_mask, scaling_mask = mask[:batch], mask[batch:]  # the confirmed guesses' scaling pass is kept
-        while unfinished.max() > 0:
+        real_mask, scaling_mask = mask.rows(slice(0, batch)), mask.rows(slice(batch, 2 * batch))
+        while unfinished.max() > 0:  # the confirmed guesses' scaling pass is kept: only `redo` rows rerun it
             if redo.any():
-                scaling_mask = torch.cat([scaling_mask, redo[:, None].long()], dim=-1)
-                _, hidden = stepper.forward(model, token, position, scaling_mask, scaling, stepper.scaling_rows)
+                _, hidden = stepper.forward(
+                    rows_forward, token, position, scaling_mask.add(redo), scaling, stepper.scaling_rows
+                )
                 fresh = stepper.scalings(hidden)
                 next_raw = torch.where(redo[:, None, None, None], fresh, next_raw) if next_raw is not None else fresh
-            real_mask = torch.cat([real_mask, torch.ones_like(real_mask[:, :1])], dim=-1)
             stepper.xlora._note_scalings(next_raw)
-            logits, _ = stepper.forward(model, token, position, real_mask, real, xlora._process_scalings(next_raw))
+            real_routing = xlora._process_scalings(next_raw)
+            logits, _ = stepper.forward(
+                rows_forward, token, position, real_mask.add(torch.ones_like(redo)), real, real_routing
+            )
             token = choose(logits)
             position = position + 1
             redo = torch.ones(batch, dtype=torch.bool, device=device)
@@ -295,4 +374,12 @@ def lookahead_loop(
     return input_ids
 
 
-__all__ = ["AUTO_MIN_ACCEPTANCE", "AUTO_WARMUP_STEPS", "LOOKAHEAD_MODES", "XLoraGenerateOutput", "lookahead_loop"]
+__all__ = [
+    "backbone_and_head",
+    "rows_forward",
+    "AUTO_MIN_ACCEPTANCE",
+    "AUTO_WARMUP_STEPS",
+    "LOOKAHEAD_MODES",
+    "XLoraGenerateOutput",
+    "lookahead_loop",
+]
