@@ -1,9 +1,11 @@
 """Decoding with X-LoRA: the KV cache of both passes and the routing of each step of ``generate``.
 
 ``transformers``' ``generate`` drives the wrapped model step by step, so X-LoRA rides along as two forward hooks
-on it, registered once per call: before each step the scaling pass sets the step's routing (``"dynamic"``, the
-X-LoRA of the paper and of peft) or the prompt's mean scalings are reused (``"static"``); after it the routing
-is cleared. Both passes keep a KV cache, an :class:`~xlora_hub.cache.XLoraCache`.
+on it, registered once per model and active only during a call: before each step the scaling pass sets the
+step's routing (``"dynamic"``, the X-LoRA of the paper and of peft) or the prompt's mean scalings are reused
+(``"static"``); after it the routing is cleared. Both passes keep a KV cache, an :class:`~xlora_hub.cache.XLoraCache` (or, for
+``cache_implementation="static"``, an :class:`~xlora_hub.cache.XLoraStaticCache`). ``scaling_lookahead`` runs
+its own decoding loop instead (:mod:`xlora_hub.lookahead`), through ``generate``'s ``custom_generate``.
 
 :class:`Decoder` is the seam for decoding work (static caches, compiled decode steps): it holds what decoding
 remembers for one model and takes the model it decodes as an argument, so it keeps no reference to the model

@@ -58,19 +58,21 @@ class XLoraGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 class _Acceptance:
-    """Guesses made and confirmed in one call (over rows still generating)."""
+    """Guesses made and confirmed in one call (over rows still generating), counted on the device (no sync per
+    step; the rate is read at the end, or once by ``"auto"``)."""
 
     def __init__(self) -> None:
-        self.made = 0
-        self.confirmed = 0
+        self.made: torch.Tensor | int = 0
+        self.confirmed: torch.Tensor | int = 0
 
     def add(self, accepted: torch.Tensor, live: torch.Tensor) -> None:
-        self.made += int(live.sum())
-        self.confirmed += int((accepted & live).sum())
+        self.made = self.made + live.sum()
+        self.confirmed = self.confirmed + (accepted & live).sum()
 
     @property
     def rate(self) -> float | None:
-        return self.confirmed / self.made if self.made else None
+        made = int(self.made)
+        return int(self.confirmed) / made if made else None
 
 
 def _joined(first: Cache, second: Cache, *, static_length: int | None, config) -> Cache:
