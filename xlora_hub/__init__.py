@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "XLoraModel": "model",
     "XLoraCache": "cache",
+    "XLoraStaticCache": "cache",
     "XLoraClassifier": "classifier",
     "inspect_mixture": "hub",
     "MixtureSummary": "hub",
@@ -37,7 +38,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cache import XLoraCache
+    from .cache import XLoraCache, XLoraStaticCache
     from .classifier import XLoraClassifier
     from .demo import load_demo_mixture
     from .hub import ExpertSummary, MixtureSummary, inspect_mixture
@@ -74,6 +75,7 @@ __all__ = [
     "XLoraConfig",
     "XLoraHubError",
     "XLoraModel",
+    "XLoraStaticCache",
     "XLoraTrainer",
     "__version__",
     "inspect_mixture",

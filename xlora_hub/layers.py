@@ -156,14 +156,24 @@ class XLoraLayer(nn.Module):
     def _stacked(self) -> tuple[torch.Tensor, ...]:
         """The concatenated factors, with each expert's alpha/r folded into A (built once, checked each call).
 
-        Built lazily on first use, so a model moved to another device builds them there.
+        Built lazily on first use, so a model moved to another device builds them there. Inside a compiled
+        region (``torch.compile``) the version check is skipped: the factors built before capture
+        (:meth:`prepare_stack`, or any eager forward) are graph inputs, and a change to the experts after capture
+        needs a new :meth:`prepare_stack` (what ``compile_decode_step`` does).
         """
+        if torch.compiler.is_compiling():
+            return self._stack.tensors if self._stack.tensors else self._build_stack()
         key = _tensor_key(self._sources)
         if self._stack.key != key:
             with torch.inference_mode(False), torch.no_grad():
                 self._stack.tensors = tuple(t.detach().clone() for t in self._build_stack())
             self._stack.key = key
         return self._stack.tensors
+
+    def prepare_stack(self) -> None:
+        """Build the concatenated factors now (before a ``torch.compile`` capture reads them)."""
+        if self.local_experts and not self._offloaded:
+            self._stacked()
 
     def _use_loop(self) -> bool:
         """Per-expert path: when experts train (gradients must reach their own weights), dropout is live, or the

@@ -39,7 +39,7 @@ from .building import (
     with_quantization,
     wrap_lora_layers,
 )
-from .cache import CACHE_ARGUMENTS, XLoraCache
+from .cache import CACHE_ARGUMENTS, XLoraCache, XLoraStaticCache
 from .classifier import XLoraClassifier
 from .config import ExpertRef, XLoraConfig
 from .errors import InvalidMixtureError
@@ -109,6 +109,7 @@ class XLoraModel(XLoraHubMixin, nn.Module):
         self._scalings_logging = False
         self._scalings_log: list[torch.Tensor] = []
         self._decoder = Decoder(model)  # decoding state: the cache argument's name, warnings said
+        self.lookahead_acceptance: float | None = None  # of the last generate call (None: no look-ahead ran)
 
         names = xlora_config.expert_names
         self.xlora_layers: list[XLoraLayer] = wrap_lora_layers(model, expert_names=names, routing=self.routing)
@@ -281,10 +282,14 @@ class XLoraModel(XLoraHubMixin, nn.Module):
         """Run the scaling pass and the classifier: scalings ``[batch, seq, n_layers, n_experts]``."""
         hidden = self._last_hidden_state(model_kwargs, cache)
         scalings = self.classifier(hidden.to(self.classifier.last_layer.weight.device))
+        self._note_scalings(scalings)
+        return scalings
+
+    def _note_scalings(self, scalings: torch.Tensor) -> None:
+        """Keep ``scalings`` as the latest (and in the log when logging): every real pass's scalings pass here."""
         self._latest_scalings = scalings
         if self._scalings_logging:
             self._scalings_log.append(scalings.detach())
-        return scalings
 
     def forward(
         self,
@@ -312,17 +317,55 @@ class XLoraModel(XLoraHubMixin, nn.Module):
 
     # ------------------------------------------------------------------ generation (xlora_hub.generation)
     @torch.no_grad()
-    def generate(self, *args: Any, routing: str = "dynamic", **kwargs: Any):
+    def generate(self, *args: Any, routing: str = "dynamic", scaling_lookahead: bool | str = False, **kwargs: Any):
         """``transformers`` generation with X-LoRA, KV-cached in both passes unless ``use_cache=False``.
 
         Takes every argument of ``model.generate`` (greedy, sampling, beam search, ``max_new_tokens``,
-        ``eos_token_id``, left-padded batches...).
+        ``eos_token_id``, left-padded batches...). ``cache_implementation="static"`` puts both passes on
+        ``StaticCache`` (an :class:`~xlora_hub.cache.XLoraStaticCache`), which transformers' auto-compile of the
+        decode step (``compile_config``) needs.
 
         ``routing="static"`` runs the scaling pass once, on the prompt, and routes every token of each
         sequence with the prompt's mean scalings: generation then costs about one pass per token. It
         changes the outputs (the default, ``"dynamic"``, is the X-LoRA of the paper and of peft).
+
+        ``scaling_lookahead=True`` runs each token's real pass and the next token's scaling pass (over the
+        scaling pass's own guess) as one batched forward: the same tokens, about one forward per token when the
+        guesses are right (:mod:`xlora_hub.lookahead`); ``"auto"`` turns it off for the rest of a call whose
+        guesses are mostly wrong. Greedy and sampling, dynamic and static caches; not beam search. The share of
+        guesses confirmed is :attr:`lookahead_acceptance` afterwards (and ``lookahead_acceptance`` of the output
+        with ``return_dict_in_generate=True``).
         """
-        return self._decoder.generate(self, *args, routing=routing, **kwargs)
+        return self._decoder.generate(self, *args, routing=routing, scaling_lookahead=scaling_lookahead, **kwargs)
+
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: XLoraCache | XLoraStaticCache,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One decoding step by hand: both passes over ``input_ids`` ``[batch, 1]`` at ``position_ids``, writing
+        ``cache``; returns the last position's logits ``[batch, vocab]``. What :meth:`compile_decode_step` compiles."""
+        out = self(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    def compile_decode_step(self, *, backend: str = "inductor", mode: str | None = None):
+        """:meth:`decode_step` under ``torch.compile(fullgraph=True, dynamic=False)`` (no graph break: the routing
+        is tensors, the experts' stacked factors are built here, before capture). Use it with an
+        :class:`~xlora_hub.cache.XLoraStaticCache` and, for batches with padding, a 2D ``attention_mask`` of the
+        cache's full length (fixed shapes: one capture for every step). ``mode="reduce-overhead"`` adds CUDA
+        graphs on a GPU. Call it again after changing the experts' weights."""
+        for layer in self.xlora_layers:
+            layer.prepare_stack()
+        return torch.compile(self.decode_step, fullgraph=True, dynamic=False, backend=backend, mode=mode)
 
     # ------------------------------------------------------------------ control API (peft's names)
     def set_topk_lora(self, value: int | None) -> None:
