@@ -1109,8 +1109,13 @@ def temporary_mistralrs_fixes(export: Path, base: Path, work: Path) -> tuple[Pat
                 shutil.copy2(file, fixed / f"{name}_{file.name}")
     if any((export / name).is_dir() for name in names):
         fixes.append("flat expert files <name>_adapter_config.json / <name>_adapter_model.safetensors")
-    for file in export.iterdir():
-        if file.is_file() and file.name != "ordering.json" and not any(n in file.name for n in names):
+    flat = {f"{n}_{f}" for n in names for f in ("adapter_config.json", "adapter_model.safetensors")}
+    for file in export.iterdir():  # mistral.rs reads any file whose name holds an expert's name as that expert's
+        if (
+            file.is_file()
+            and file.name != "ordering.json"
+            and (file.name in flat or not any(n in file.name for n in names))
+        ):
             shutil.copy2(file, fixed / file.name)
     layers = sorted(ordering["layers"], key=ordering["layers"].get)
     kept = [name for name in layers if not name.endswith(("embed_tokens", "lm_head"))]
