@@ -18,6 +18,7 @@ TARGETS = (
     "compiled decode / base compiled",
     "look-ahead decode at acceptance >= 0.8 / base (dynamic)",
     "look-ahead decode at acceptance >= 0.8 / base (static)",
+    "look-ahead decode at acceptance >= 0.8 / base (static + compiled)",
     "prefill time ratio / FLOP ratio, 8 and 32 experts",
     "demo mixture, 1 thread, vs mistral.rs 0.6.0 X-LoRA",
 )
