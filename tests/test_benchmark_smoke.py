@@ -111,3 +111,20 @@ def test_benchmark_quantized_section_runs_on_a_bitsandbytes_base(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "new tokens" not in line]
     assert [row.split("|")[1].strip() for row in rows] == ["bnb-nf4 base model", "xlora-hub on bnb-nf4"] * 2
     assert "### Prefill forward" not in proc.stdout  # only the asked section ran
+
+
+def test_benchmark_refuses_an_expert_scale_outside_zero_one(capsys, monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("bench_generation", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_generation", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    for value in ("2", "0", "abc"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--expert-scale", value])
+        err = capsys.readouterr().err
+        assert "argument --expert-scale: expected a" in err and repr(value) in err, err
+    assert bench.parse_args(["--expert-scale", "0.03"]).expert_scale == 0.03
