@@ -1077,7 +1077,9 @@ def mistralrs_export(demo: Demo, work: Path) -> tuple[Path, list[str]]:
     notes = []
     if "lossy" in inspect.signature(export_mistralrs).parameters:
         options["lossy"] = True  # the demo's experts also adapt embed_tokens, which mistral.rs drops anyway
-        notes.append("exported with lossy=True (mistral.rs has no LoRA on embeddings)")
+        notes.append(
+            "exported with lossy=True: LoRA that mistral.rs cannot run (e.g. on embed_tokens) left out, if any"
+        )
     return export_mistralrs(demo.ours, work / "export", **options), notes
 
 
