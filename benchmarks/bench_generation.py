@@ -1334,7 +1334,7 @@ def section_targets(args: argparse.Namespace, summary: dict[str, Any]) -> None:
     rows: list[list[Any]] = []
 
     def add(measure: str, today: str, value: float | None, why: str, target: str, ok: bool | None, text=None):
-        verdict = "-" if value is None or ok is None else _verdict(ok)
+        verdict = "-" if ok is None or (value is None and text is None) else _verdict(ok)
         rows.append([measure, today, text if text is not None else _cell(value, why), target, verdict])
 
     # plain dynamic: the explicit scaling_lookahead=False row when the branch has it, else the default path
