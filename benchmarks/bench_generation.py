@@ -64,6 +64,8 @@ SECTIONS = (
 )
 QUANTIZE = ("none", "bnb-nf4", "bnb-int8", "torchao-int8")
 DEFAULT_SECTIONS = SECTIONS[:-2]
+TARGET_SECTIONS = {"prefill", "generate", "static", "compiled", "lookahead", "sweep", "demo", "mistralrs"}
+"""The sections that issue 13's targets table reports on: it is printed when one of them ran."""
 QUICK = dict(
     hidden=64,
     intermediate=128,
@@ -1812,7 +1814,8 @@ def main(argv: list[str] | None = None) -> int:
             section_profile(args, models, inputs)
         if "quantized" in args.sections:
             section_quantized(args, dirs[: args.experts], inputs)
-        section_targets(args, summary)
+        if TARGET_SECTIONS & set(args.sections):
+            section_targets(args, summary)
     print(f"\ntotal time: {time.perf_counter() - started:.0f} s | load avg 1/5/15 min at the end {_load()}")
     print(
         "(a load average above the thread count means other processes shared the cores: absolute times are then "
