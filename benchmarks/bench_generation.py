@@ -99,6 +99,7 @@ def _int_list(value: str) -> list[int]:
 
 
 def _fraction(value: str) -> float:
+    """``--expert-scale``: a fraction strictly between 0 and 1."""
     try:
         number = float(value)
     except ValueError:
@@ -803,6 +804,7 @@ def reference_tokens(
 
 
 def _same_tokens(result: Decoded, reference: torch.Tensor) -> str:
+    """``yes`` when a mode reproduced the plain path's tokens, else how much of them it did."""
     if result.tokens is None:
         return "-"
     if result.tokens.shape == reference.shape and torch.equal(result.tokens.cpu(), reference.cpu()):
@@ -862,6 +864,7 @@ MODE_HEADERS = [
 
 
 def _mode_notes(args: argparse.Namespace) -> list[str]:
+    """What the columns of a decoding-mode table mean (printed under each)."""
     return [
         f"tokens/s: median of {args.repeats} generate calls after the first (warm-up; compile when compiled), time "
         "including the prompt's prefill; x base: against the base model with the same cache and compile setting, "
@@ -966,14 +969,6 @@ def load_demo(args: argparse.Namespace) -> Demo:
         f"prompt {prompt!r} ({inputs['input_ids'].shape[1]} tokens)"
     )
     return Demo(folder, base, ours, tokenizer, prompt, inputs)
-
-
-def _demo_summary_ratio(results: dict[Mode, Decoded], mode: Mode) -> float | None:
-    base = next((r for m, r in results.items() if m.model == "base" and m.setting == mode.setting), None)
-    r = results.get(mode)
-    if r is None or base is None or isinstance(r.seconds, NA) or isinstance(base.seconds, NA):
-        return None
-    return base.seconds / r.seconds
 
 
 def demo_answers(demo: Demo, models: dict[str, torch.nn.Module], n: int) -> dict[str, str]:
@@ -1181,6 +1176,7 @@ def timing_copies(export: Path, base: Path, work: Path, positions: int) -> tuple
 
 
 def mistralrs_spec(kind: str, export: Path, base: Path, prompt: str, max_tokens: int, repeats: int) -> dict:
+    """The timing worker's argument (see ``mistralrs_timing.py``): ``arch=Mistral``, as 0.6.0 runs X-LoRA right."""
     return dict(
         kind=kind,
         arch="Mistral",
@@ -1306,6 +1302,7 @@ def _ratio(results: dict[Mode, Decoded] | None, mode: Mode) -> tuple[float | Non
 
 
 def _cell(value: float | None, why: str, fmt: str = "{:.2f}x") -> str:
+    """A targets cell: the ratio, or ``n/a (why)``."""
     return fmt.format(value) if value is not None else f"n/a ({why})"
 
 
