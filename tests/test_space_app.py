@@ -106,10 +106,13 @@ def wait_ready(url: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"the app at {url} did not answer in {timeout} s")
 
 
-def start_app(mixture: Path):
-    """Launch the Space app on ``mixture`` in this process; returns ``(blocks, url)``."""
+def start_app(mixture: Path, *, max_batch_size: int | None = None):
+    """Launch the Space app on ``mixture`` in this process; returns ``(blocks, url)``. ``max_batch_size=1`` is the
+    one-at-a-time queue; ``None`` the app's default (batched)."""
     port = free_port()
-    demo = launch_demo(str(mixture), port=port, server_name="127.0.0.1", prevent_thread_lock=True)
+    demo = launch_demo(
+        str(mixture), port=port, server_name="127.0.0.1", prevent_thread_lock=True, max_batch_size=max_batch_size
+    )
     url = f"http://127.0.0.1:{port}/"
     wait_ready(url)
     return demo, url
@@ -178,7 +181,16 @@ def loaded(mixture_dir):
 
 @pytest.fixture(scope="module")
 def app(mixture_dir):
+    """The app as a Space runs it: concurrent requests batched."""
     demo, url = start_app(mixture_dir)
+    yield demo, url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def queued_app(mixture_dir):
+    """The app with ``max_batch_size=1``: one request at a time, the others waiting in the queue."""
+    demo, url = start_app(mixture_dir, max_batch_size=1)
     yield demo, url
     demo.close()
 
@@ -302,8 +314,8 @@ def test_a_bad_routing_value_leaves_no_setting_behind(app):
 
 
 # ------------------------------------------------------------------------------------------ load
-def test_twenty_concurrent_clients(app, loaded):
-    demo, url = app
+def test_twenty_concurrent_clients(queued_app, loaded):
+    demo, url = queued_app
     stats = demo.generation_stats
     before = stats.completed
     prompts = [f"client {i}" for i in range(20)]

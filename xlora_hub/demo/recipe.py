@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEMO_VERSION = "v2"
+DEMO_VERSION = "v3"
 """Names the recipe below; bump it whenever the recipe changes, so an old cached build is never reused."""
 
 REFERENCE_WEIGHTS_SHA256 = "f6569629b5ce9abc1dc73cb8baa0b2f114459a3d941d125374799a1963f6e0be"
@@ -14,7 +14,9 @@ library versions; such a build scores a little differently (within the margin th
 
 BASE_MODEL_DIR = "base_model"
 EXPERTS_DIR = "experts"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The experts' LoRA targets: the Linear projections only. v2 also targeted ``embed_tokens``, which mistral.rs drops
+(its X-LoRA builds LoRA on Linear layers only), so an export of v2 lost its experts; v3 exports faithfully."""
 
 
 @dataclass(frozen=True)
