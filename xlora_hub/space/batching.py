@@ -39,7 +39,7 @@ _DONE = object()
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself (its tensors have no truth value to compare)
 class GenerationRequest:
     """One checked request: its prompt ids (one row), ``generate`` options, seed, routing options, base comparison."""
 
@@ -169,8 +169,8 @@ class Batcher:
     ``compare_base``, ``("base_text", ...)`` and ``("base_done", text, RowResult)``, and ``("end", time, None)``
     when its batch is over (both times taken under the lock, so batches never overlap); an error is raised in
     the caller's thread. The first request that
-    finds the model idle starts a worker thread (with that request's context); it runs batches until no
-    request is waiting, under ``lock``.
+    finds no worker starts one (a thread with that request's context); it takes the waiting requests as a
+    batch each time the model is free (``lock``), until none is waiting.
     """
 
     def __init__(
@@ -194,6 +194,12 @@ class Batcher:
         self._worker_running = False
         self._gone: set[int] = set()  # ids of requests whose client left (their rows stop early)
         self._generate_rows = (wrap or (lambda fn: fn))(self._generate_rows_impl)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for the next batch."""
+        with self._cond:
+            return len(self._pending)
 
     # -------------------------------------------------------------- queueing
     def submit(self, request: GenerationRequest) -> Iterator[tuple[str, str, RowResult | None]]:
@@ -233,24 +239,29 @@ class Batcher:
             return batch
 
     def _work(self) -> None:
-        while batch := self._take_batch():
-            self.stats.record(len(batch))
-            try:
-                with self.lock:
+        """Run batches until no request waits. Each batch is taken once the model is free (under ``lock``),
+        so every request that arrived while the model was busy can join it."""
+        while True:
+            with self.lock:
+                batch = self._take_batch()
+                if not batch:
+                    return
+                self.stats.record(len(batch))
+                try:
                     started = time.time()
                     for request in batch:
                         request.events.put(("start", started, None))
                     self._run(batch)
                     ended = time.time()
-                for request in batch:
-                    request.events.put(("end", ended, None))
-            except BaseException as err:  # every request of the batch sees the error in its own thread
-                for request in batch:
-                    request.events.put(err)
-            finally:
-                for request in batch:
-                    request.events.put(_DONE)
-                self._gone.difference_update(r.id for r in batch)
+                    for request in batch:
+                        request.events.put(("end", ended, None))
+                except BaseException as err:  # every request of the batch sees the error in its own thread
+                    for request in batch:
+                        request.events.put(err)
+                finally:
+                    for request in batch:
+                        request.events.put(_DONE)
+                    self._gone.difference_update(r.id for r in batch)
 
     # -------------------------------------------------------------- one batch
     def _run(self, batch: list[GenerationRequest]) -> None:
