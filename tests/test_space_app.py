@@ -444,6 +444,48 @@ def test_load_test_script_batched_against_queued(app, queued_app):
     )
 
 
+def test_generation_runs_under_spaces_gpu(loaded, monkeypatch):
+    """The batch's generation goes through `gpu_function` (`spaces.GPU` on ZeroGPU). Off ZeroGPU (`SPACES_ZERO_GPU`
+    unset) `spaces.GPU` returns the function itself, and without the `spaces` package it runs as it is."""
+    import xlora_hub.space.runner as runner_module
+    from xlora_hub.space import MixtureRunner, gpu_function, on_zero_gpu
+
+    def task(x):
+        return x + 1
+
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert not on_zero_gpu()
+    spaces = pytest.importorskip("spaces")  # the demo extra installs it (as a Space's requirements.txt does)
+    assert spaces.GPU(task) is task and gpu_function(task) is task
+    monkeypatch.setitem(sys.modules, "spaces", None)  # not installed: import fails
+    assert gpu_function(task) is task
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert on_zero_gpu()
+
+    calls = []
+
+    def recording(fn):
+        def wrapped(*args, **kwargs):
+            calls.append(fn.__name__)
+            yield from fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(runner_module, "gpu_function", recording)
+    runner = MixtureRunner(loaded.model, loaded.tokenizer, max_new_tokens_cap=20, max_prompt_tokens=20)
+    inputs = loaded.tokenizer("gpu", return_tensors="pt")
+    events = list(
+        runner.generation(
+            inputs, {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}, seed=0, options={}, compare_base=True
+        )
+    )
+    kinds = [kind for kind, _, _ in events]
+    assert calls == ["_generate_rows_impl", "_generate_rows_impl"]  # the mixture's pass, then the base model's
+    assert kinds[0] == "start" and kinds[-1] == "end" and {"done", "base_done"} <= set(kinds)
+    done = next(text for kind, text, _ in events if kind == "done")
+    assert done == reference(loaded.model, loaded.tokenizer, "gpu", 5)["text"]
+
+
 # ------------------------------------------------------------------------------------------ start-up errors
 @pytest.mark.parametrize("mixture", ["alice/no-such-mixture-{uid}", "./no/such/folder", "not a repo id!"])
 def test_unknown_mixture_fails_at_start_with_one_line(hub, monkeypatch, mixture):
