@@ -1,6 +1,6 @@
 """Load test of the Space app: N clients at once against the batched app and the one-at-a-time queue.
 
-Both apps serve the same mixture in this process (``launch_demo``), on 127.0.0.1; every client is a
+Both apps serve the same mixture, each in a process of its own (``launch_demo``), on 127.0.0.1; every client is a
 ``gradio_client.Client`` that sends one ``/generate`` request at the same moment as the others (a barrier).
 For each app it reports the total time from the moment the requests are sent to the last answer, the
 latency of each request and the sizes of the batches the app ran, and it checks that both apps gave every
@@ -34,7 +34,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 for _name in ("NO_PROXY", "no_proxy"):
     os.environ[_name] = ",".join(filter(None, [os.environ.get(_name), "127.0.0.1", "localhost"]))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a source checkout
 
 
 @dataclass
@@ -115,6 +116,20 @@ def _wait_ready(url: str, timeout: float = 120.0) -> None:
     raise TimeoutError(f"the app at {url} did not answer in {timeout} s")
 
 
+def _serve(mixture: str | None, port: int, max_batch_size: int):
+    """The app in a process of its own (the clients' threads here would share its interpreter lock otherwise)."""
+    import subprocess
+
+    code = (
+        "import sys; from xlora_hub.space import launch_demo; "
+        "launch_demo(None if sys.argv[1] == '-' else sys.argv[1], port=int(sys.argv[2]), server_name='127.0.0.1', "
+        "max_batch_size=int(sys.argv[3]))"
+    )
+    args = [sys.executable, "-c", code, mixture or "-", str(port), str(max_batch_size)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def load_test(
     mixture: str | None,
     *,
@@ -124,24 +139,33 @@ def load_test(
     compare_base: bool,
     prompts: list[str],
 ) -> tuple[LoadResult, LoadResult]:
-    """The queued app (``max_batch_size=1``) and the batched one under the same load: ``(queued, batched)``."""
-    from xlora_hub.space import launch_demo
+    """The queued app (``max_batch_size=1``) and the batched one under the same load: ``(queued, batched)``.
 
+    Each app runs in its own process; the batch sizes are read from each answer's run info (``batch_size``).
+    """
     results = []
     for label, size in (("one at a time (queue)", 1), (f"batched (max {max_batch_size})", max_batch_size)):
         port = _free_port()
-        demo = launch_demo(mixture, port=port, server_name="127.0.0.1", prevent_thread_lock=True, max_batch_size=size)
+        server = _serve(mixture, port, size)
         try:
             url = f"http://127.0.0.1:{port}/"
-            _wait_ready(url)
+            _wait_ready(url, timeout=600)
             run_clients(url, prompts[:2], max_new_tokens=2)  # warm-up: first calls compile and allocate
-            before = len(demo.batch_stats.sizes)
             out = run_clients(url, prompts[:clients], max_new_tokens=max_new_tokens, compare_base=compare_base)
-            sizes = demo.batch_stats.sizes[before:]
         finally:
-            demo.close()
+            server.terminate()
+            server.wait(60)
+        sizes = _batch_sizes(out["infos"].values())
         results.append(LoadResult(label, clients, out["total_seconds"], out["latencies"], out["texts"], sizes))
     return results[0], results[1]
+
+
+def _batch_sizes(infos) -> list[int]:
+    """The sizes of the batches that answered, from each answer's ``batch_size`` and ``started_at``."""
+    batches: dict[float, int] = {}
+    for info in infos:
+        batches[info["started_at"]] = info["batch_size"]
+    return [batches[start] for start in sorted(batches)]
 
 
 def demo_prompts(n: int) -> list[str]:

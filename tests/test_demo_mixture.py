@@ -6,7 +6,7 @@ The full build (about two minutes on one core) is made once per session in the s
 
 The scores are checked two ways. A machine that reproduces the recorded build (its weights digest is
 ``REFERENCE_WEIGHTS_SHA256``) must reproduce the recorded table exactly. Any other build must keep the
-margin that builds with five seeds and with other kernels all keep (benchmarks/results/demo_seeds.md).
+margin that builds with other seeds and kernels all keep (benchmarks/results/demo_seeds.md).
 """
 
 from __future__ import annotations
