@@ -115,11 +115,10 @@ def run_generation(runner: MixtureRunner, names, inputs, gen_kwargs, seed, optio
     """
     skip = gr.skip()
     started = base_started = time.time()
+    events = runner.generation(inputs, gen_kwargs, seed=seed, options=options, compare_base=compare_base)  # queued
     yield "", "", None, None, None, None, None
     text, base_text, info, shown = "", "", {}, None
-    for kind, value, result in runner.generation(
-        inputs, gen_kwargs, seed=seed, options=options, compare_base=compare_base
-    ):
+    for kind, value, result in events:
         if kind == "start":
             started = value
         elif kind == "end":

@@ -203,7 +203,8 @@ class Batcher:
 
     # -------------------------------------------------------------- queueing
     def submit(self, request: GenerationRequest) -> Iterator[tuple[str, str, RowResult | None]]:
-        """Queue ``request`` and yield its events until it is done; closing the iterator marks it gone."""
+        """Queue ``request`` now (not at the first ``next``) and return the iterator of its events, which ends
+        when it is done; closing the iterator early marks the request gone."""
         with self._cond:
             self._pending.append(request)
             start = not self._worker_running
@@ -211,6 +212,9 @@ class Batcher:
         if start:
             context = contextvars.copy_context()  # ZeroGPU reads the request from a context variable
             threading.Thread(target=context.run, args=(self._work,), name="xlora-batch", daemon=True).start()
+        return self._events(request)
+
+    def _events(self, request: GenerationRequest) -> Iterator[tuple[str, str, RowResult | None]]:
         finished = False
         try:
             while (event := request.events.get()) is not _DONE:

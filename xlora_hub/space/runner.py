@@ -111,7 +111,7 @@ class MixtureRunner:
         options: dict[str, Any],
         compare_base: bool,
     ) -> Iterator[tuple[str, str, RowResult | None]]:
-        """Queue one request for the next batch and yield its events (see :class:`~.batching.Batcher`):
+        """Queue one request for the next batch (at once) and return its events (see :class:`~.batching.Batcher`):
         ``("text", text, None)`` while the mixture streams, ``("done", text, result)``, then with
         ``compare_base`` the base model's ``("base_text", ...)`` and ``("base_done", text, result)``."""
         request = GenerationRequest(
@@ -121,7 +121,7 @@ class MixtureRunner:
             options=options,
             compare_base=compare_base,
         )
-        yield from self.batcher.submit(request)
+        return self.batcher.submit(request)
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token as text, keeping the leading space that sentencepiece marks with '▁'."""
