@@ -4,8 +4,8 @@ Runs as a Hugging Face Space (this file at the Space root, next to a copy of ``x
 ``xlora-hub demo``. The mixture comes from ``XLORA_MIXTURE`` (a Hub repo id or a local folder; revision in
 ``XLORA_REVISION``), else from the Space's ``xlora_space.json``, else the embedded default mixture.
 
-Concurrent requests are batched: up to ``max_batch_size`` of them (the generate event's concurrency limit) wait
-together, and the ones waiting when the model becomes free run as one left-padded ``generate``, each streamed
+Concurrent requests are batched: the ones waiting when the model becomes free (up to ``max_batch_size``; the
+generate event lets twice that many in) run as one left-padded ``generate``, each streamed
 and each with the output it would have alone (:class:`~xlora_hub.space.Batcher`); ``max_batch_size=1`` is the
 old one-at-a-time queue. On ZeroGPU hardware the batch's generation runs under ``spaces.GPU``. This file holds
 the page (layout, handlers, start-up); running requests (:class:`~xlora_hub.space.MixtureRunner`) and drawing
@@ -290,8 +290,8 @@ def build_app(
 ) -> gr.Blocks:
     """The Space's UI over a loaded ``XLoraModel`` and its tokenizer, with the queue on.
 
-    Up to ``max_batch_size`` requests run as one batch (the generate event lets that many wait together);
-    ``max_batch_size=1`` runs one request at a time, as a queue.
+    Up to ``max_batch_size`` requests run as one batch (the generate event lets twice that many in, so the next
+    batch gathers while one runs); ``max_batch_size=1`` runs one request at a time, as a queue.
 
     The returned Blocks carries ``generation_stats`` (a :class:`GenerationStats`) for monitoring and tests,
     ``batch_stats`` (the size of every batch run) and ``runner`` (the :class:`MixtureRunner` that owns the model).
@@ -329,7 +329,9 @@ def build_app(
             inputs=[*controls, out["layer"]],
             outputs=[out[key] for key in ("output", "base_output", "tokens", "heatmap", "means", "run_info")] + [state],
             api_name="generate",
-            concurrency_limit=max_batch_size,  # the requests one batch can take wait together
+            # Batched, two batches' worth of requests are in flight: one batch runs while the next one gathers (and
+            # the requests of the last one draw their routing); one at a time, one.
+            concurrency_limit=1 if max_batch_size == 1 else 2 * max_batch_size,
             concurrency_id="model",
         )
         out["layer"].change(

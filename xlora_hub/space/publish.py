@@ -239,7 +239,8 @@ def build_space_folder(
     replaced); checked before anything is downloaded.
 
     The Space holds ``app.py``, ``requirements.txt`` (from this package's metadata), a ``README.md`` whose
-    front matter lists the mixture, its experts and base model under ``models:``, ``xlora_space.json``
+    front matter lists the mixture, its experts and base model under ``models:`` and ``preload_from_hub:``
+    (each pinned to a commit), ``xlora_space.json``
     pinning the mixture to the commit that ``revision`` resolves to now, and a copy of this package so it
     runs the code it was published with.
     """
