@@ -4,10 +4,13 @@ Runs as a Hugging Face Space (this file at the Space root, next to a copy of ``x
 ``xlora-hub demo``. The mixture comes from ``XLORA_MIXTURE`` (a Hub repo id or a local folder; revision in
 ``XLORA_REVISION``), else from the Space's ``xlora_space.json``, else the embedded default mixture.
 
-The model keeps per-pass routing state, so it runs one generation at a time: the generate event has a
-concurrency limit of 1 in the queue, and a lock guards the model as well. This file holds the page (layout,
-handlers, start-up); running a request (:class:`~xlora_hub.space.MixtureRunner`) and drawing its routing
-(:func:`~xlora_hub.space.render_routing`) live in the package, which a published Space carries next to it.
+Concurrent requests are batched: the ones waiting when the model becomes free (up to ``max_batch_size``; the
+generate event lets twice that many in) run as one left-padded ``generate``, each streamed
+and each with the output it would have alone (:class:`~xlora_hub.space.Batcher`); ``max_batch_size=1`` is the
+old one-at-a-time queue. On ZeroGPU hardware the batch's generation runs under ``spaces.GPU``. This file holds
+the page (layout, handlers, start-up); running requests (:class:`~xlora_hub.space.MixtureRunner`) and drawing
+their routing (:func:`~xlora_hub.space.render_routing`) live in the package, which a published Space carries
+next to it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import gradio as gr
 from xlora_hub.errors import XLoraHubError
 from xlora_hub.space import (
     ALL_LAYERS,
+    DEFAULT_MAX_BATCH_SIZE,
     MAX_UPLOAD_BYTES,
     DemoMixture,
     MixtureRunner,
@@ -34,6 +38,7 @@ from xlora_hub.space import (
     model_card_evidence,
     model_card_summary,
     render_routing,
+    space_device,
     space_target,
 )
 
@@ -59,7 +64,7 @@ def generation_kwargs(tokenizer: Any, new_tokens: int, greedy: bool, temperature
 
 
 def make_generate_handler(runner: MixtureRunner, names: list[str]):
-    """The ``/generate`` event: checks the request, then streams one generation at a time under the lock.
+    """The ``/generate`` event: checks the request, then streams its generation, batched with the others waiting.
 
     Every error reaches the page as one line; the project's own errors (a bad routing value) as they are
     worded, anything else as "Generation failed" with its traceback in the log.
@@ -86,10 +91,9 @@ def make_generate_handler(runner: MixtureRunner, names: list[str]):
             if softmax_temperature is None or not softmax_temperature > 0:
                 raise gr.Error("The softmax temperature must be above 0.", print_exception=False)
             options = dict(top_k_lora=k, global_scaling_weight=global_weight, softmax_temperature=softmax_temperature)
-            with runner.lock:
-                yield from run_generation(
-                    runner, names, inputs, gen_kwargs, int(seed or 0), options, compare_base, layer_choice
-                )
+            yield from run_generation(
+                runner, names, inputs, gen_kwargs, int(seed or 0), options, bool(compare_base), layer_choice
+            )
             completed = True
         except gr.Error:
             raise
@@ -107,35 +111,44 @@ def make_generate_handler(runner: MixtureRunner, names: list[str]):
 def run_generation(runner: MixtureRunner, names, inputs, gen_kwargs, seed, options, compare_base, layer_choice):
     """Stream the mixture's output, then its routing picture, then (optionally) the base model's output.
 
-    Yields the seven outputs of ``/generate``; ``gr.skip()`` leaves an output as it is. Call under the lock.
+    Yields the seven outputs of ``/generate``; ``gr.skip()`` leaves an output as it is. The request runs in the
+    next batch: ``started_at`` and ``finished_at`` are its batch's, ``batch_size`` how many requests it held.
     """
     skip = gr.skip()
-    started = time.time()
+    started = base_started = time.time()
+    events = runner.generation(inputs, gen_kwargs, seed=seed, options=options, compare_base=compare_base)  # queued
     yield "", "", None, None, None, None, None
-    for step in runner.routed_stream(inputs, gen_kwargs, seed=seed, options=options):
-        if step[1] is None:
-            yield step[0], skip, skip, skip, skip, skip, skip
-    text, new_ids, log = step
-    xlora_seconds = time.time() - started
-    state, routed = runner.routing_state(inputs, new_ids, log)
-    highlighted, figure, means = render_routing(state, layer_choice, names)
-    info = {
-        "prompt_tokens": state["n_prompt"],
-        "new_tokens": len(new_ids),
-        "routed_tokens": routed,
-        "xlora_seconds": round(xlora_seconds, 3),
-        "tokens_per_second": round(len(new_ids) / max(xlora_seconds, 1e-9), 1),
-        "started_at": started,
-    }
-    base_text = ""
-    if compare_base:
-        yield text, "", highlighted, figure, means, skip, state
-        base_started = time.time()
-        for base_text, base_ids in runner.stream(inputs, gen_kwargs, seed=seed, adapters=False):
-            if base_ids is None:
-                yield skip, base_text, skip, skip, skip, skip, skip
-        info["base_seconds"] = round(time.time() - base_started, 3)
-    info["finished_at"] = time.time()
+    text, base_text, info, shown = "", "", {}, None
+    for kind, value, result in events:
+        if kind == "start":
+            started = value
+        elif kind == "end":
+            info["finished_at"] = value
+        elif kind == "text":
+            yield value, skip, skip, skip, skip, skip, skip
+        elif kind == "done":
+            text, xlora_seconds = value, time.time() - started
+            state, routed = runner.routing_state(inputs, result.new_ids, result.routing)
+            highlighted, figure, means = render_routing(state, layer_choice, names)
+            shown = (highlighted, figure, means, state)
+            info |= {
+                "prompt_tokens": state["n_prompt"],
+                "new_tokens": len(result.new_ids),
+                "routed_tokens": routed,
+                "xlora_seconds": round(xlora_seconds, 3),
+                "tokens_per_second": round(len(result.new_ids) / max(xlora_seconds, 1e-9), 1),
+                "started_at": started,
+                "batch_size": result.batch_size,
+            }
+            if compare_base:
+                yield text, "", highlighted, figure, means, skip, state
+            base_started = time.time()
+        elif kind == "base_text":
+            yield skip, value, skip, skip, skip, skip, skip
+        elif kind == "base_done":
+            base_text = value
+            info["base_seconds"] = round(time.time() - base_started, 3)
+    highlighted, figure, means, state = shown
     yield text, base_text, highlighted, figure, means, info, state
 
 
@@ -277,11 +290,15 @@ def build_app(
     default_max_new_tokens: int = 48,
     max_prompt_tokens: int = 1024,
     queue_size: int = 64,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
 ) -> gr.Blocks:
     """The Space's UI over a loaded ``XLoraModel`` and its tokenizer, with the queue on.
 
+    Up to ``max_batch_size`` requests run as one batch (the generate event lets twice that many in, so the next
+    batch gathers while one runs); ``max_batch_size=1`` runs one request at a time, as a queue.
+
     The returned Blocks carries ``generation_stats`` (a :class:`GenerationStats`) for monitoring and tests,
-    and ``runner`` (the :class:`MixtureRunner` that owns the model).
+    ``batch_stats`` (the size of every batch run) and ``runner`` (the :class:`MixtureRunner` that owns the model).
     """
     limits = Limits.for_model(
         model,
@@ -290,7 +307,11 @@ def build_app(
         max_prompt_tokens=max_prompt_tokens,
     )
     runner = MixtureRunner(
-        model, tokenizer, max_new_tokens_cap=limits.max_new_tokens_cap, max_prompt_tokens=limits.max_prompt_tokens
+        model,
+        tokenizer,
+        max_new_tokens_cap=limits.max_new_tokens_cap,
+        max_prompt_tokens=limits.max_prompt_tokens,
+        max_batch_size=max_batch_size,
     )
     names = list(model.expert_names)
     title = title or "X-LoRA mixture of LoRA experts"
@@ -312,7 +333,9 @@ def build_app(
             inputs=[*controls, out["layer"]],
             outputs=[out[key] for key in ("output", "base_output", "tokens", "heatmap", "means", "run_info")] + [state],
             api_name="generate",
-            concurrency_limit=1,
+            # Batched, two batches' worth of requests are in flight: one batch runs while the next one gathers (and
+            # the requests of the last one draw their routing); one at a time, one.
+            concurrency_limit=1 if max_batch_size == 1 else 2 * max_batch_size,
             concurrency_id="model",
         )
         out["layer"].change(
@@ -323,11 +346,12 @@ def build_app(
         )
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     demo.generation_stats = runner.stats
+    demo.batch_stats = runner.batcher.stats
     demo.runner = runner
     return demo
 
 
-def page_for(loaded: DemoMixture) -> gr.Blocks:
+def page_for(loaded: DemoMixture, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> gr.Blocks:
     """The app for a loaded mixture; the page names a local mixture, base model or expert by its folder
     name, never its path."""
     base = getattr(loaded.model.xlora_config, "base_model", None)
@@ -338,6 +362,7 @@ def page_for(loaded: DemoMixture) -> gr.Blocks:
         mixture_name=display_name(loaded.name) + (f"@{loaded.revision}" if loaded.revision else ""),
         model_card=hide_local_paths(loaded.card, local) if loaded.card else loaded.card,
         examples=loaded.examples,
+        max_batch_size=max_batch_size,
     )
 
 
@@ -371,9 +396,10 @@ def serve(
     share: bool = False,
     server_name: str | None = None,
     prevent_thread_lock: bool = False,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
 ) -> gr.Blocks:
     """Load a mixture (``None``: the embedded default one), build the app and launch it."""
-    blocks = page_for(load_demo(mixture, revision=revision, token=token))
+    blocks = page_for(load_demo(mixture, revision=revision, token=token), max_batch_size=max_batch_size)
     return launch(blocks, port=port, share=share, server_name=server_name, prevent_thread_lock=prevent_thread_lock)
 
 
@@ -386,7 +412,11 @@ def loaded_once(mixture: str | None, revision: str | None) -> DemoMixture:
     key = (mixture, revision)
     if key not in _LOADED:
         logger.info("loading the mixture %s", "(embedded default)" if mixture is None else display_name(mixture))
-        _LOADED[key] = load_demo(mixture, revision=revision)
+        loaded = load_demo(mixture, revision=revision)
+        device = space_device()  # "cuda" on ZeroGPU: `spaces` attaches the GPU inside the batch's generation
+        if device is not None:
+            loaded.model.to(device)
+        _LOADED[key] = loaded
     return _LOADED[key]
 
 

@@ -33,6 +33,7 @@ Implemented endpoints (``{t}`` is ``models``/``datasets``/``spaces``, ``{p}`` th
 * ``GET /api/{t}/{repo}/refs`` (``include_prs``), ``GET /api/{t}/{repo}/commits/{rev}``
 * ``POST|DELETE /api/{t}/{repo}/branch/{branch}``, ``POST /api/{t}/{repo}/tag/{rev}``, ``DELETE .../tag/{tag}``
 * ``PUT /api/{t}/{repo}/settings`` (visibility/private), ``GET /api/spaces/{repo}/runtime``
+* ``POST /api/spaces/{repo}/hardware`` (``flavor``; also ``hardware`` at create): the runtime's requested hardware
 * ``POST /api/{t}/{repo}/preupload/{rev}`` and ``POST /api/{t}/{repo}/commit/{rev}`` (NDJSON; ``create_pr=1``,
   ``parentCommit``; ``file``/``lfsFile``/``deletedFile``/``deletedFolder`` operations)
 * ``POST /{p}{repo}.git/info/lfs/objects/batch`` (upload, basic transfer) with signed
@@ -192,6 +193,7 @@ class Repo:
     pr_authors: dict[str, str] = field(default_factory=dict)  # "refs/pr/N" -> user name
     gated: str | bool = False  # False, "auto" or "manual": reported by the info endpoints (downloads stay open)
     object_id: str = field(default_factory=lambda: secrets.token_hex(12))
+    requested_hardware: str | None = None  # Space hardware requests (see _request_space_hardware)
 
     @property
     def namespace(self) -> str:
@@ -830,8 +832,9 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "PUT" and action == "settings":
             return self._settings(user, repo_type, repo_id, self._json_body(body))
         if method == "GET" and action == "runtime" and repo_type == "space":
-            self._repo(repo_type, repo_id, user)
-            return self._json(_space_runtime())
+            return self._json(_space_runtime(self._repo(repo_type, repo_id, user).requested_hardware))
+        if method == "POST" and action == "hardware" and repo_type == "space":
+            return self._request_space_hardware(user, repo_id, self._json_body(body))
         raise HubError(404, f"Not found: {method} /api/{'/'.join(segs)}")
 
     # ----- account & repo management ----------------------------------------------------------------------
@@ -883,8 +886,19 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(409, f"You already created this {repo_type} repo", extra={"url": url})
         visibility = payload.get("visibility")
         private = visibility == "private" or payload.get("private") is True
+        hardware = _space_flavor(payload["hardware"]) if repo_type == "space" and payload.get("hardware") else None
         repo = self.hub.create_repo(repo_id, repo_type, private=private, sdk=sdk if repo_type == "space" else None)
+        repo.requested_hardware = hardware
         self._json({"url": url, "name": repo_id, "id": repo.object_id})
+
+    # ----- Space hardware requests (s3-demospace: `space push --hardware zero-a10g`) -----------------------------
+    def _request_space_hardware(self, user: User | None, repo_id: str, payload: dict) -> None:
+        """``request_space_hardware``: records the flavor as the Space's requested hardware (nothing runs)."""
+        repo = self._repo("space", repo_id, user, write=True)
+        repo.requested_hardware = _space_flavor(payload.get("flavor"))
+        self._json(_space_runtime(repo.requested_hardware))
+
+    # ----- end of Space hardware requests ----------------------------------------------------------------------
 
     def _delete_repo(self, user: User | None, payload: dict) -> None:
         repo_type = payload.get("type") or "model"
@@ -1041,7 +1055,7 @@ class _Handler(BaseHTTPRequestHandler):
             info.update({"downloads": 0})
         else:
             subdomain = repo.repo_id.replace("/", "-").replace("_", "-").replace(".", "-").lower()
-            info.update({"sdk": repo.sdk, "subdomain": subdomain, "runtime": _space_runtime()})
+            info.update({"sdk": repo.sdk, "subdomain": subdomain, "runtime": _space_runtime(repo.requested_hardware)})
         if with_siblings:
             siblings = []
             for path in sorted(commit.files):
@@ -1458,10 +1472,21 @@ def _lfs_err(code: int, message: str) -> dict:
     return {"code": code, "message": message}
 
 
-def _space_runtime() -> dict:
+def _space_flavor(flavor: Any) -> str:
+    """A hardware flavor the Hub knows (``huggingface_hub.SpaceHardware``), else the Hub's 400."""
+    from huggingface_hub import SpaceHardware
+
+    if flavor not in {h.value for h in SpaceHardware}:
+        raise HubError(400, f"Invalid hardware flavor: {flavor!r}")
+    return flavor
+
+
+def _space_runtime(requested: str | None = None) -> dict:
+    """A running Space; a hardware request is shown as requested (and current: the server runs nothing)."""
+    hardware = requested or "cpu-basic"
     return {
         "stage": "RUNNING",
-        "hardware": {"current": "cpu-basic", "requested": "cpu-basic"},
+        "hardware": {"current": hardware, "requested": hardware},
         "storage": None,
         "gcTimeout": 172800,
         "replicas": {"current": 1, "requested": 1},

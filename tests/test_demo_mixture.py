@@ -6,7 +6,7 @@ The full build (about two minutes on one core) is made once per session in the s
 
 The scores are checked two ways. A machine that reproduces the recorded build (its weights digest is
 ``REFERENCE_WEIGHTS_SHA256``) must reproduce the recorded table exactly. Any other build must keep the
-margin that builds with five seeds and with other kernels all keep (benchmarks/results/demo_seeds.md).
+margin that builds with other seeds and kernels all keep (benchmarks/results/demo_seeds.md).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from xlora_hub import XLoraModel
 from xlora_hub.demo import (
     BUILD_INFO_NAME,
+    LORA_TARGETS,
     REFERENCE_WEIGHTS_SHA256,
     TASKS,
     DemoRecipe,
@@ -48,7 +49,7 @@ SMALL = DemoRecipe(
 
 # The recorded build (seed 0, n_per_task=100): per task, the mixture's and its own expert's exact match
 # and the routing accuracy, in examples out of 100.
-REFERENCE_SCORES = {"add": (100, 100, 100), "rev": (100, 100, 100), "up": (100, 100, 100), "cnt": (100, 100, 100)}
+REFERENCE_SCORES = {"add": (99, 99, 100), "rev": (100, 100, 100), "up": (98, 100, 100), "cnt": (100, 100, 100)}
 MIXTURE_MARGIN = 0.05
 """How far below its own expert the mixture may score on a build that is not the recorded one (see above)."""
 
@@ -113,6 +114,7 @@ def test_demo_mixture_layout_and_cache(demo_folder):
     assert config["base_model"] == {"repo_id": "./base_model"}
     for task in TASKS:  # each expert is a plain peft adapter folder
         assert PeftConfig.from_pretrained(str(demo_folder / "experts" / task)).r == 8
+    _assert_exportable(demo_folder)
     tokenizer = AutoTokenizer.from_pretrained(demo_folder / "base_model")
     base = AutoModelForCausalLM.from_pretrained(demo_folder / "base_model")
     assert type(base).__name__ == "LlamaForCausalLM"
@@ -140,6 +142,46 @@ def test_full_build_is_bitwise_reproducible(demo_folder, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- quick recipe
+def _assert_exportable(folder: Path) -> None:
+    """What mistral.rs needs of a build: LoRA on the Linear projections only (it drops embedding LoRA), a
+    top-level `rope_theta` next to transformers 5's `rope_parameters`, a `Sequence[ByteFallback, Fuse]` decoder."""
+    from safetensors import safe_open
+
+    for task in TASKS:
+        adapter = json.loads((folder / "experts" / task / "adapter_config.json").read_text())
+        assert adapter["target_modules"] == sorted(LORA_TARGETS) and "embed_tokens" not in adapter["target_modules"]
+        with safe_open(str(folder / "experts" / task / "adapter_model.safetensors"), framework="pt") as handle:
+            keys = list(handle.keys())
+        assert keys and not [k for k in keys if "embed" in k or "lm_head" in k]
+    config = json.loads((folder / "base_model" / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 10000.0
+    for where in (folder / "base_model", folder):  # the base model's tokenizer and the mixture's copy
+        decoder = json.loads((where / "tokenizer.json").read_text())["decoder"]
+        assert decoder == {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]}
+
+
+def test_small_build_is_exportable_and_decodes_as_before(tmp_path):
+    """The build's base folder as mistral.rs reads it, and the new decoder decodes every token list exactly as the
+    bare `Fuse` of recipe v2 did (each token alone, every pair, and seeded random lists, special tokens kept or
+    skipped)."""
+    import random
+
+    from tokenizers import Tokenizer, decoders
+
+    folder = build_demo_mixture(cache_dir=tmp_path, recipe=SMALL, progress=False)
+    _assert_exportable(folder)
+    new = Tokenizer.from_file(str(folder / "base_model" / "tokenizer.json"))
+    old = Tokenizer.from_file(str(folder / "base_model" / "tokenizer.json"))
+    old.decoder = decoders.Fuse()
+    size = new.get_vocab_size()
+    rng = random.Random(0)
+    lists = [[i] for i in range(size)] + [[i, j] for i in range(size) for j in range(size)]
+    lists += [[rng.randrange(size) for _ in range(rng.randint(1, 30))] for _ in range(500)]
+    for skip in (True, False):
+        assert new.decode_batch(lists, skip_special_tokens=skip) == old.decode_batch(lists, skip_special_tokens=skip)
+    assert new.decode(new.encode("rev:ABC=").ids) == "rev:ABC="
+
+
 def test_small_build_is_reproducible_and_atomic(tmp_path):
     torch.set_num_threads(2)
     first = build_demo_mixture(cache_dir=tmp_path / "a", recipe=SMALL, progress=False)

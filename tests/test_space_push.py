@@ -166,6 +166,78 @@ def test_dry_run_writes_a_folder_that_loads_the_pinned_mixture(hub, mixture_repo
     torch.testing.assert_close(loaded.model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def _preload(readme: Path) -> dict[str, tuple[list[str], str]]:
+    """``{repo: (files, commit)}`` from a Space README's ``preload_from_hub`` lines (``REPO FILE,FILE COMMIT``)."""
+    entries = {}
+    for line in SpaceCard.load(readme).data.preload_from_hub:
+        repo, files, commit = line.split(" ")
+        entries[repo] = (files.split(","), commit)
+    return entries
+
+
+def test_space_preloads_every_repo_at_its_commit(hub, mixture_repo, tmp_path):
+    """``preload_from_hub`` names the mixture, each expert and the base model, each pinned to the commit the Space
+    uses, with the files the app reads; a cache holding just those files loads the Space's mixture offline."""
+    repo, model = mixture_repo
+    api = HfApi(token=hub.token)
+    folder = Path(push_space(repo, "alice/unused", token=hub.token, dry_run_dir=tmp_path / "space"))
+    readme = SpaceCard.load(folder / "README.md")
+    entries = _preload(folder / "README.md")
+    experts = list(model.xlora_config.experts.values())
+    base_repo = json.loads(Path(api.hf_hub_download(repo, "xlora_config.json")).read_text())["base_model"]["repo_id"]
+    assert list(entries) == [repo, *(e.repo_id for e in experts), base_repo] == readme.data.models
+    assert entries[repo][1] == json.loads((folder / SPACE_CONFIG_NAME).read_text())["revision"]
+    for ref in experts:
+        assert entries[ref.repo_id][1] == (ref.revision or api.model_info(ref.repo_id).sha)
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(entries[ref.repo_id][0])
+    assert entries[base_repo][1] == api.model_info(base_repo).sha
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(entries[base_repo][0])
+    assert {"xlora_config.json", "xlora_classifier.safetensors"} <= set(entries[repo][0])
+    for name, (files, commit) in entries.items():
+        assert set(files) <= set(api.list_repo_files(name, revision=commit))
+        assert ".gitattributes" not in files
+
+    # What the Hub does at build time: download those files, at those commits, into the Space's cache.
+    env = hub.env(tmp_path / "space-home")
+    for name, (files, commit) in entries.items():
+        for file in files:
+            api.hf_hub_download(name, file, revision=commit, cache_dir=Path(env["HF_HOME"]) / "hub")
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    code = (
+        "import sys, torch; from xlora_hub.space import space_target, load_demo; "
+        "m, r = space_target(sys.argv[1]); d = load_demo(m, revision=r); "
+        "print(d.model(input_ids=torch.tensor([[5, 9, 14, 27]])).logits.sum().item())"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(folder)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = model(input_ids=torch.tensor([[5, 9, 14, 27]])).logits.sum().item()
+    assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_push_a_zero_gpu_space(hub, mixture_repo, tmp_path):
+    """``space push --hardware zero-a10g`` (huggingface_hub's ZeroGPU flavor): the Space is created with that
+    hardware requested, its README suggests it, its requirements install ``spaces``; a later push with other
+    hardware requests that hardware for the existing Space."""
+    from huggingface_hub import SpaceHardware
+
+    from xlora_hub.cli import main
+
+    repo, _ = mixture_repo
+    api = HfApi(token=hub.token)
+    space = f"alice/space-zero-{_uid()}"
+    assert SpaceHardware.ZERO_A10G.value == "zero-a10g"
+    assert main(["space", "push", repo, space, "--hardware", "zero-a10g", "--token", hub.token]) == 0
+    assert api.get_space_runtime(space).requested_hardware == "zero-a10g"
+    assert SpaceCard(_read(api, space, "README.md")).data.suggested_hardware == "zero-a10g"
+    assert "spaces" in _requirements(
+        line for line in _read(api, space, "requirements.txt").splitlines() if line.strip() and line[0] != "#"
+    )
+    push_space(repo, space, token=hub.token, hardware="cpu-basic")
+    assert api.get_space_runtime(space).requested_hardware == "cpu-basic"
+
+
 def test_bad_push_input_is_refused_before_anything_is_created(hub, mixture_repo, tmp_path):
     repo, _ = mixture_repo
     api = HfApi(token=hub.token)

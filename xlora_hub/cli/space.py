@@ -54,7 +54,7 @@ def add_command(add: AddCommand, sub: Any, common: argparse.ArgumentParser) -> N
     sp.add_argument("mixture", metavar="MIXTURE_REPO", help="the mixture's Hub repo id")
     sp.add_argument("space_repo", metavar="SPACE_REPO", help="the Space repo id, 'owner/name'")
     sp.add_argument("--private", action="store_true", default=None)
-    sp.add_argument("--hardware", default=None, help="Space hardware, e.g. cpu-basic, t4-small")
+    sp.add_argument("--hardware", default=None, help="Space hardware, e.g. cpu-basic, t4-small, zero-a10g (ZeroGPU)")
     sp.add_argument("--dry-run", default=None, metavar="DIR", help="write the Space folder to DIR, push nothing")
     sp.add_argument("--overwrite", action="store_true", help="(--dry-run) replace what DIR already holds")
     hub_options(sp, revision="revision of the mixture to pin", cache=False, offline=False)

@@ -9,7 +9,8 @@ Four synthetic tasks whose inputs look different (:mod:`.tasks`)::
 
 A tiny Llama-style causal LM with a character-level tokenizer is pre-trained on generic data: copying
 strings, and the task *inputs* without their answers, so it reads every format but solves no task.
-One peft LoRA expert is trained per task, then an X-LoRA classifier on the union of the tasks (the
+One peft LoRA expert is trained per task (on the attention and MLP projections only, so that every
+export format, mistral.rs's included, keeps it whole), then an X-LoRA classifier on the union of the tasks (the
 task labels supervise the routing during training only; inference sees the text alone) (:mod:`.build`,
 sizes in :mod:`.recipe`). :func:`evaluate_demo_mixture` scores it (:mod:`.evaluate`).
 
@@ -25,8 +26,8 @@ Intel one; AVX2 and AVX-512 sum in other orders). Pinning them before Python sta
 (``MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=avx2``: MKL documents its compatible branch as giving the
 same results on Intel and AMD CPUs) makes the build's weights independent of the MKL kernels the CPU
 would get, but costs about twice the CPU time, so the default build does not pin them. The recipe has
-the margin instead: builds with five seeds and with other kernels score within a point or two of the
-recorded one (``benchmarks/results/demo_seeds.md``), and :data:`REFERENCE_WEIGHTS_SHA256` tells whether
+the margin instead: builds with other seeds (and, for the previous recipe, other kernels) score within a
+point or two of the recorded one (``benchmarks/results/demo_seeds.md``), and :data:`REFERENCE_WEIGHTS_SHA256` tells whether
 a build reproduced the recorded one.
 
 This package sits above training, data and the model, and below the CLI and the Space.

@@ -40,13 +40,16 @@ def build_tokenizer():
     No BOS is added: the scalings of a first token cannot depend on the input, and a model this small
     leans on its first token as an attention sink, so a shared BOS would blur every expert. Without it
     the first token (the task prefix) already tells the tasks apart.
+
+    The decoder is ``Sequence[ByteFallback, Fuse]``, not a bare ``Fuse``: the two decode every token list the
+    same (no token of the vocabulary is a ``<0xNN>`` byte token), and mistral.rs refuses a bare ``Fuse``.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(vocab())}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<bos>",
@@ -75,6 +78,8 @@ def new_base_model(tokenizer: Any, recipe: DemoRecipe, seed: int):
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
+    # transformers 5 writes only `rope_parameters`; mistral.rs (and transformers 4) read a top-level `rope_theta`.
+    config.rope_theta = config.rope_parameters["rope_theta"]
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEMO_VERSION = "v2"
+DEMO_VERSION = "v3"
 """Names the recipe below; bump it whenever the recipe changes, so an old cached build is never reused."""
 
-REFERENCE_WEIGHTS_SHA256 = "f6569629b5ce9abc1dc73cb8baa0b2f114459a3d941d125374799a1963f6e0be"
+REFERENCE_WEIGHTS_SHA256 = "5a5fd905a3deb6ee308a6d9e427248806f91730b5ef024900a1ea969978001db"
 """:func:`~xlora_hub.demo.weights_digest` of the recorded default build (seed 0, :data:`RECIPE`): torch 2.13.0,
 transformers 5.24, peft 0.21.2 on an Intel Xeon with AVX-512, default kernels. Another digest means other kernels or
 library versions; such a build scores a little differently (within the margin the tests allow)."""
 
 BASE_MODEL_DIR = "base_model"
 EXPERTS_DIR = "experts"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The experts' LoRA targets: the Linear projections only. v2 also targeted ``embed_tokens``, which mistral.rs drops
+(its X-LoRA builds LoRA on Linear layers only), so an export of v2 lost its experts; v3 exports faithfully."""
 
 
 @dataclass(frozen=True)

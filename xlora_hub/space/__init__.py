@@ -8,8 +8,10 @@ lives here, so the Space and the ``xlora-hub demo`` / ``xlora-hub space push`` c
 * :mod:`.load`: the model, tokenizer and card of a mixture, with one-line errors;
 * :mod:`.launch`: finding, importing and launching ``app.py``;
 * :mod:`.publish`: the Space folder and the one commit that pushes it;
-* :mod:`.runner` and :mod:`.views` (imported on first use: they need gradio and matplotlib, the ``demo``
-  extra): one request's generation, and the pictures of its routing.
+* :mod:`.runner`, :mod:`.batching` and :mod:`.views` (imported on first use: they need gradio and matplotlib,
+  the ``demo`` extra): checking requests, running the waiting ones as one left-padded batch, and the
+  pictures of their routing;
+* :mod:`.gpu`: ZeroGPU (``spaces.GPU`` around the batch's generation, a no-op elsewhere).
 
 The routing views the page draws (:func:`~xlora_hub.routing.routing_from_log`, ...) live in
 :mod:`xlora_hub.routing`, shared with the CLI.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .gpu import gpu_function, on_zero_gpu, space_device
 from .launch import MAX_UPLOAD_BYTES, launch_demo, load_app_module, spaces_app_dir
 from .load import DemoMixture, load_demo
 from .page import (
@@ -32,13 +35,15 @@ from .page import (
     model_card_summary,
     read_model_card,
 )
-from .publish import SPACE_FILES, build_space_folder, push_space, space_requirements
+from .publish import SPACE_FILES, build_space_folder, preload_lines, push_space, space_requirements
 from .target import MIXTURE_ENV, REVISION_ENV, SPACE_CONFIG_NAME, space_target
 
 _LAZY = {
+    "DEFAULT_MAX_BATCH_SIZE": "runner",
     "GenerationStats": "runner",
     "MixtureRunner": "runner",
-    "TokenTextStreamer": "runner",
+    "Batcher": "batching",
+    "GenerationRequest": "batching",
     "ALL_LAYERS": "views",
     "PALETTE": "views",
     "expert_colors": "views",
@@ -48,7 +53,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .runner import GenerationStats, MixtureRunner, TokenTextStreamer
+    from .batching import Batcher, GenerationRequest
+    from .runner import DEFAULT_MAX_BATCH_SIZE, GenerationStats, MixtureRunner
     from .views import ALL_LAYERS, PALETTE, expert_colors, experts_markdown, render_routing, routing_figure
 
 
@@ -63,8 +69,11 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ALL_LAYERS",
+    "DEFAULT_MAX_BATCH_SIZE",
+    "Batcher",
     "DemoMixture",
     "ExpertInfo",
+    "GenerationRequest",
     "GenerationStats",
     "MAX_UPLOAD_BYTES",
     "MIXTURE_ENV",
@@ -73,12 +82,12 @@ __all__ = [
     "REVISION_ENV",
     "SPACE_CONFIG_NAME",
     "SPACE_FILES",
-    "TokenTextStreamer",
     "build_space_folder",
     "display_name",
     "expert_colors",
     "expert_infos",
     "experts_markdown",
+    "gpu_function",
     "hide_local_paths",
     "launch_demo",
     "load_app_module",
@@ -86,10 +95,13 @@ __all__ = [
     "local_label",
     "model_card_evidence",
     "model_card_summary",
+    "on_zero_gpu",
+    "preload_lines",
     "push_space",
     "read_model_card",
     "render_routing",
     "routing_figure",
+    "space_device",
     "space_requirements",
     "space_target",
     "spaces_app_dir",

@@ -67,10 +67,12 @@ def launch_demo(
     token: str | bool | None = None,
     server_name: str | None = None,
     prevent_thread_lock: bool = False,
+    max_batch_size: int | None = None,
 ):
     """Run the Space app locally on a mixture (``None``: the embedded default mixture); blocks until stopped
     unless ``prevent_thread_lock``. Returns the launched ``gr.Blocks``. Loading errors are
-    :class:`~xlora_hub.errors.InvalidMixtureError` with a one-line message."""
+    :class:`~xlora_hub.errors.InvalidMixtureError` with a one-line message. ``max_batch_size``: requests one
+    batch runs at most (``None``: the app's default; 1: one at a time)."""
     app = load_app_module()
     return app.serve(
         mixture,
@@ -80,4 +82,5 @@ def launch_demo(
         share=share,
         server_name=server_name,
         prevent_thread_lock=prevent_thread_lock,
+        **({} if max_batch_size is None else {"max_batch_size": max_batch_size}),
     )

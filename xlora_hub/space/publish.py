@@ -26,12 +26,15 @@ from .load import load_error
 from .page import model_card_summary, read_model_card
 from .target import SPACE_CONFIG_NAME
 
-__all__ = ["SPACE_FILES", "build_space_folder", "push_space", "space_requirements"]
+__all__ = ["PRELOAD_SUFFIXES", "SPACE_FILES", "build_space_folder", "preload_lines", "push_space", "space_requirements"]
 
 SPACE_FILES = ("app.py", "requirements.txt", "README.md")
 DISTRIBUTION = "xlora-hub"
 SPACE_EXTRA = "demo"
 _SDK_PACKAGES = frozenset({"gradio"})  # the Space's `sdk_version` installs it; pinning it twice can clash
+PRELOAD_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".tiktoken", ".jinja")
+"""The files a Space preloads from each repo (configs, safetensors weights, tokenizer files): what the app reads.
+Other weight formats (``.bin``, ``.gguf``...) are never loaded (safetensors only), so they are not preloaded."""
 
 
 def space_requirements() -> str:
@@ -70,6 +73,47 @@ def _hub_repo_ids(config: XLoraConfig) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+def _preload_files(files: list[str], subfolder: str | None) -> list[str]:
+    """The files of a repo worth preloading: configs, safetensors and tokenizer files (under ``subfolder``).
+
+    A name with a space or a comma cannot be written in a ``preload_from_hub`` line; such a file is left to be
+    downloaded at start.
+    """
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    return [
+        name
+        for name in sorted(files)
+        if name.startswith(prefix)
+        and (name.endswith(PRELOAD_SUFFIXES) or name.rsplit("/", 1)[-1] == "README.md")
+        and not any(c in name for c in " ,\t\n")
+    ]
+
+
+def _preload_line(api, repo_id: str, revision: str | None, *, subfolder: str | None = None) -> str | None:
+    """One ``preload_from_hub`` entry: ``REPO FILE1,FILE2,... COMMIT``, the commit ``revision`` resolves to now.
+
+    The Hub downloads these files into the Space's cache at build time, at that commit, so the app's
+    downloads at start (the same files, at the same pinned commit) are cache hits. ``None`` when nothing
+    in the repo is worth preloading.
+    """
+    sha = api.model_info(repo_id, revision=revision).sha
+    files = _preload_files(api.list_repo_files(repo_id, revision=sha), subfolder)
+    return f"{repo_id} {','.join(files)} {sha}" if files else None
+
+
+def preload_lines(api, mixture_repo: str, sha: str, config: XLoraConfig) -> list[str]:
+    """``preload_from_hub`` for a Space serving ``mixture_repo`` at ``sha``: the mixture, each Hub expert at its
+    pinned revision, and the Hub base model at its recorded revision, each pinned to a commit."""
+    lines = [_preload_line(api, mixture_repo, sha)]
+    for ref in config.experts.values():
+        if ref.repo_id:
+            lines.append(_preload_line(api, ref.repo_id, ref.revision, subfolder=ref.subfolder))
+    base = config.base_model
+    if base is not None and is_stored_hub_id(base.repo_id):
+        lines.append(_preload_line(api, base.repo_id, base.revision))
+    return list(dict.fromkeys(line for line in lines if line))
+
+
 def check_hardware(hardware: str | None) -> None:
     """Refuse a hardware name ``huggingface_hub.SpaceHardware`` does not know, listing the ones it does."""
     if hardware is None:
@@ -105,9 +149,11 @@ def _space_readme(
     title: str | None,
     hardware: str | None,
     private_mixture: bool,
+    preload: list[str],
 ) -> str:
     """The Space's README: the template's text under a head naming the pinned mixture and its experts, and
-    front matter whose ``models:`` lists every Hub repo the Space loads."""
+    front matter whose ``models:`` lists every Hub repo the Space loads and whose ``preload_from_hub:`` has
+    each of them downloaded at build time, pinned to a commit."""
     import gradio
     from huggingface_hub import SpaceCard
 
@@ -118,6 +164,7 @@ def _space_readme(
     data.sdk_version = gradio.__version__
     data.app_file = "app.py"
     data.models = [mixture_repo, *_hub_repo_ids(config)]
+    data.preload_from_hub = preload
     data.short_description = f"X-LoRA mixture {mixture_repo}: routing per token"[:60]
     if hardware:
         data.suggested_hardware = hardware
@@ -165,6 +212,17 @@ def _pinned_mixture(mixture_repo: str, revision: str | None, token: str | bool |
     return info.sha, config, bool(info.private)
 
 
+def _preload_for(mixture_repo: str, sha: str, config: XLoraConfig, *, token: str | bool | None) -> list[str]:
+    """:func:`preload_lines`, with a Hub error about an expert or the base model worded as the Space's load error."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        return preload_lines(HfApi(token=token), mixture_repo, sha, config)
+    except (HfHubHTTPError, HFValidationError) as err:
+        raise load_error(mixture_repo, sha, err, token=token) or err from err
+
+
 def build_space_folder(
     mixture_repo: str,
     folder: str | os.PathLike[str],
@@ -181,7 +239,8 @@ def build_space_folder(
     replaced); checked before anything is downloaded.
 
     The Space holds ``app.py``, ``requirements.txt`` (from this package's metadata), a ``README.md`` whose
-    front matter lists the mixture, its experts and base model under ``models:``, ``xlora_space.json``
+    front matter lists the mixture, its experts and base model under ``models:`` and ``preload_from_hub:``
+    (each pinned to a commit), ``xlora_space.json``
     pinning the mixture to the commit that ``revision`` resolves to now, and a copy of this package so it
     runs the code it was published with.
     """
@@ -194,6 +253,7 @@ def build_space_folder(
     target = prepare_target(folder, overwrite=overwrite, what="Space folder")
     sha, config, private = _pinned_mixture(mixture_repo, revision, token)
     card = read_model_card(mixture_repo, revision=sha, token=token)
+    preload = _preload_for(mixture_repo, sha, config, token=token)
     app_dir = spaces_app_dir()
     readme = _space_readme(
         app_dir / "README.md",
@@ -205,6 +265,7 @@ def build_space_folder(
         private_mixture=private,
         title=title,
         hardware=hardware,
+        preload=preload,
     )
     pinned = {"mixture": mixture_repo, "revision": sha, "requested_revision": revision or "main"}
     with staging_folder(target) as staging:

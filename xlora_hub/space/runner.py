@@ -1,28 +1,30 @@
-"""Running one request of the Space: checking its input, streaming a generation from another thread, and the
-routing it leaves.
+"""Running the Space's requests: checking each one's input, batching the requests that wait (streamed to
+each), and the routing each leaves.
 
-The model keeps per-pass routing state, so one generation runs at a time (:attr:`MixtureRunner.lock`), and
-each request's routing settings are applied with ``model.routing_options`` so that however it ends, the
-next request finds the model as it was. Input errors are ``gr.Error`` with the message the page shows.
+The model keeps per-pass routing state, so one batch runs at a time (:attr:`MixtureRunner.lock`); the
+requests waiting when it becomes free run as the next batch (:mod:`.batching`), each with the output it
+would have alone. Each batch's routing settings are applied with ``model.routing_options`` so that however
+it ends, the next batch finds the model as it was. Input errors are ``gr.Error`` with the message the page
+shows.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
-from ..routing import routing_from_log
+from .batching import Batcher, GenerationRequest, RowResult
+from .gpu import gpu_function
 
-__all__ = ["MAX_PROMPT_CHARS_PER_TOKEN", "GenerationStats", "MixtureRunner", "TokenTextStreamer"]
+__all__ = ["DEFAULT_MAX_BATCH_SIZE", "MAX_PROMPT_CHARS_PER_TOKEN", "GenerationStats", "MixtureRunner"]
 
 MAX_PROMPT_CHARS_PER_TOKEN = 32  # cheap guard before tokenising a huge paste
+DEFAULT_MAX_BATCH_SIZE = 8
+"""Requests one batch runs at most: the Space's default (1 is the old one-at-a-time queue)."""
 
 
 class GenerationStats:
@@ -45,52 +47,23 @@ class GenerationStats:
             self.completed += int(completed)
 
 
-class _StopFlag(StoppingCriteria):
-    """Stops ``generate`` when the request goes away (the client disconnected or the event was cancelled)."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class TokenTextStreamer(BaseStreamer):
-    """The decoded new text after every token, as an iterator fed by ``generate`` in another thread.
-
-    ``transformers.TextIteratorStreamer`` holds text back until a space, which a character-level model
-    may never write; decoding the whole answer again per token is cheap at these lengths.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self._prompt_seen = False
-        self._queue: queue.Queue[str | None] = queue.Queue()
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() passes the prompt first
-            self._prompt_seen = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        self._queue.put(self.tokenizer.decode(self.ids, skip_special_tokens=True))
-
-    def end(self) -> None:
-        self._queue.put(None)
-
-    def __iter__(self) -> Iterator[str]:
-        while (text := self._queue.get()) is not None:
-            yield text
-
-
 class MixtureRunner:
-    """Validates requests and streams generations from one model, one at a time."""
+    """Validates requests and streams their generations from one model, in batches of ``max_batch_size``."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_new_tokens_cap: int, max_prompt_tokens: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_new_tokens_cap: int,
+        max_prompt_tokens: int,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.lock = threading.Lock()
         self.stats = GenerationStats()
+        self.batcher = Batcher(model, tokenizer, lock=self.lock, max_batch_size=max_batch_size, wrap=gpu_function)
         self.max_new_tokens_cap = int(max_new_tokens_cap)
         self.max_prompt_tokens = int(max_prompt_tokens)
         self.context = getattr(model.config, "max_position_embeddings", None)
@@ -129,42 +102,26 @@ class MixtureRunner:
         return inputs, int(max_new_tokens), (int(top_k) or None)
 
     # -------------------------------------------------------------- generation
-    def stream(
-        self, inputs: dict[str, torch.Tensor], gen_kwargs: dict[str, Any], *, seed: int, adapters: bool
-    ) -> Iterator[tuple[str, torch.Tensor | None]]:
-        """Yield ``(text so far, None)`` while generating, then ``(text, new token ids)``. Call under ``lock``."""
-        streamer = TokenTextStreamer(self.tokenizer)
-        stop = threading.Event()
-        result: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                torch.manual_seed(seed)
-                kwargs = dict(
-                    inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopFlag(stop)]), **gen_kwargs
-                )
-                if adapters:
-                    result["ids"] = self.model.generate(**kwargs)
-                else:
-                    with self.model.disable_adapter():
-                        result["ids"] = self.model.generate(**kwargs)
-            except BaseException as err:  # re-raised in the handler's thread
-                result["error"] = err
-                streamer.end()
-
-        thread = threading.Thread(target=work, name="xlora-generate", daemon=True)
-        thread.start()
-        text = ""
-        try:
-            for text in streamer:
-                yield text, None
-        finally:
-            stop.set()
-            thread.join()
-        if "error" in result:
-            raise result["error"]
-        new_ids = result["ids"][0, inputs["input_ids"].shape[1] :]
-        yield self.tokenizer.decode(new_ids, skip_special_tokens=True), new_ids
+    def generation(
+        self,
+        inputs: dict[str, torch.Tensor],
+        gen_kwargs: dict[str, Any],
+        *,
+        seed: int,
+        options: dict[str, Any],
+        compare_base: bool,
+    ) -> Iterator[tuple[str, str, RowResult | None]]:
+        """Queue one request for the next batch (at once) and return its events (see :class:`~.batching.Batcher`):
+        ``("text", text, None)`` while the mixture streams, ``("done", text, result)``, then with
+        ``compare_base`` the base model's ``("base_text", ...)`` and ``("base_done", text, result)``."""
+        request = GenerationRequest(
+            input_ids=inputs["input_ids"],
+            gen_kwargs=gen_kwargs,
+            seed=seed,
+            options=options,
+            compare_base=compare_base,
+        )
+        return self.batcher.submit(request)
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token as text, keeping the leading space that sentencepiece marks with '▁'."""
@@ -198,15 +155,16 @@ class MixtureRunner:
                 model.clear_scalings_log()
         yield text, new_ids, log
 
-    def routing_state(self, inputs: dict[str, torch.Tensor], new_ids: torch.Tensor, log) -> tuple[dict[str, Any], int]:
+    def routing_state(
+        self, inputs: dict[str, torch.Tensor], new_ids: torch.Tensor, routing: torch.Tensor
+    ) -> tuple[dict[str, Any], int]:
         """What the page keeps of one generation (``gr.State``: tokens, prompt length, per-token routing), and
-        the number of routed tokens."""
+        the number of routed tokens; ``routing`` is the request's ``[tokens, n_layers, n_experts]``."""
         ids = inputs["input_ids"][0].tolist() + new_ids.tolist()
-        routing = routing_from_log(log, len(ids))
         state = {
             "tokens": self.token_texts(ids),
             "n_prompt": inputs["input_ids"].shape[1],
-            "n_layers": routing.shape[1],
+            "n_layers": routing.shape[1] if routing.dim() == 3 else 0,
             "routing": routing.flatten().tolist(),
         }
         return state, routing.shape[0]
