@@ -14,6 +14,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 for _name in ("NO_PROXY", "no_proxy"):
     os.environ[_name] = ",".join(filter(None, [os.environ.get(_name), "127.0.0.1", "localhost"]))
 
+import signal  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -528,7 +529,11 @@ def test_gradio_reload_mode_swaps_the_app_and_keeps_the_model(mixture_dir, tmp_p
     port = free_port()
     env = {**os.environ, "XLORA_MIXTURE": str(mixture_dir), "PYTHONPATH": str(ROOT), "GRADIO_SERVER_PORT": str(port)}
     log = open(tmp_path / "gradio.log", "w")
-    proc = subprocess.Popen([str(gradio_cli), str(app_file)], cwd=tmp_path, env=env, stdout=log, stderr=log)
+    # Its own process group: the gradio command runs the app in a child process, which `terminate()` of the
+    # command alone would leave running after the test.
+    proc = subprocess.Popen(
+        [str(gradio_cli), str(app_file)], cwd=tmp_path, env=env, stdout=log, stderr=log, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}/"
 
     def title() -> str:
@@ -549,6 +554,10 @@ def test_gradio_reload_mode_swaps_the_app_and_keeps_the_model(mixture_dir, tmp_p
         assert "Watching demo: demo" in logged and "Reloading" not in logged
         assert logged.count("loading the mixture") == 1
     finally:
-        proc.terminate()
-        proc.wait(30)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
         log.close()
