@@ -1,7 +1,9 @@
 """Run an X-LoRA export in mistral.rs and print greedy tokens with their log-probs as JSON (one line).
 
 Run by tests/test_mistralrs_interop.py with the Python of a venv that has ``mistralrs`` (it needs nothing else):
-``python mistralrs_runner.py '{"folder": ..., "base": ..., "arch": "Mistral", "prompts": [...], "max_tokens": 3}'``.
+``python mistralrs_runner.py '{"folder": ..., "base": ..., "arch": "Mistral", "prompts": [...], "max_tokens": 3}'``;
+an optional ``"jinja"`` names a chat-template file for a base that has none (the demo's), so the folders load as
+they are.
 Prints ``{"version": ..., "results": [{"prompt": ..., "tokens": [...], "logprobs": [...]} or {"error": ...}]}``.
 """
 
@@ -24,7 +26,8 @@ def main() -> None:
         arch=getattr(Architecture, args["arch"]) if args.get("arch") else None,
         dtype=ModelDType.F32,
     )
-    runner = Runner(which=which, token_source="none", max_seqs=1, prefix_cache_n=0)
+    options = {"jinja_explicit": args["jinja"]} if args.get("jinja") else {}
+    runner = Runner(which=which, token_source="none", max_seqs=1, prefix_cache_n=0, **options)
     results = []
     for prompt in args["prompts"]:
         request = ChatCompletionRequest(
