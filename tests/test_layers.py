@@ -103,6 +103,28 @@ def test_stacked_weights_follow_in_place_updates():
     torch.testing.assert_close(after, expected, atol=1e-5, rtol=0)
 
 
+def test_linear_without_grad_adds_into_the_base_output_without_copying_it():
+    """Without gradients (generation, eval) the experts' product is added into the base layer's own output: peft's
+    values, and no copy of that output (out-of-place addmm made one per layer, the real pass's largest overhead)."""
+    net = _peft_net(4)
+    x = torch.randn(2, 7, 12)
+    scalings = torch.softmax(torch.randn(2, 7, 1, 3), dim=-1)
+    expected = _peft_layer(XLoraLinearLayer, net.proj, 1.0).forward(x, scalings=scalings)
+    layer = _ours(XLoraLinear, net.proj, scalings, 1.0)
+    with torch.no_grad():
+        layer.prepare_stack()  # the stacked factors are built (copied) once, before the profiled call
+        copies, outputs = {}, {}
+        for name, module in (("base layer", layer.base_layer), ("X-LoRA layer", layer)):
+            with torch.profiler.profile() as prof:
+                outputs[name] = module(x)
+            copies[name] = sum(event.count for event in prof.key_averages() if event.key == "aten::copy_")
+        # the last position alone in the same pass (an lm_head under logits_to_keep): its own row multiplier
+        last = layer(x[:, -1:])
+    assert copies["X-LoRA layer"] == copies["base layer"]  # nn.Linear's addmm copies its bias in, once
+    torch.testing.assert_close(outputs["X-LoRA layer"], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(last, expected[:, -1:], atol=1e-5, rtol=0)
+
+
 def test_training_mode_dropout_is_per_expert_and_off_in_eval():
     torch.manual_seed(0)
     model = get_peft_model(Net(), LoraConfig(r=4, target_modules=["proj"], lora_dropout=0.5), adapter_name="a")

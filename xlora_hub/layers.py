@@ -73,7 +73,7 @@ class _StackCache:
 def _tensor_key(tensors: list[torch.Tensor]) -> tuple:
     # in-place updates (optimizer steps, load_state_dict) bump the version counter; device and dtype
     # moves go through ``_apply``, which drops the stack
-    return tuple(t._version for t in tensors)
+    return tuple([t._version for t in tensors])  # a list comprehension: faster than a generator here
 
 
 class XLoraLayer(nn.Module):
@@ -271,7 +271,9 @@ class XLoraLinear(XLoraLayer):
         return a.t().contiguous(), b.t().contiguous()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        # the child straight from the registry (nn.Module.__getattr__ costs more than this whole pass-through in
+        # the scaling pass, where every X-LoRA Linear runs its base layer alone)
+        result = self._modules["base_layer"](x, *args, **kwargs)
         if self.routing._scalings is None:
             return result
         dtype = self._sources[0].dtype
@@ -279,19 +281,41 @@ class XLoraLinear(XLoraLayer):
         if self._use_loop():
             return result + self._loop_delta(xe).to(result.dtype)
         a_t, b_t = self._stacked()
-        rank = a_t.shape[1]
-        multiplier = _tokens_view(
-            self._column_multiplier(dtype, with_lora_scale=False, device=xe.device), xe, self.module_name
-        )
         h = torch.mm(xe.reshape(-1, xe.shape[-1]), a_t)
-        if multiplier.shape[:-1] != xe.shape[:-1]:
-            multiplier = multiplier.expand(*xe.shape[:-1], rank)
-        multiplier = multiplier.reshape(-1, rank)
+        multiplier = self._row_multiplier(dtype, xe)
         # in place when no gradient is recorded (generation, eval): one allocation less per layer
-        h = h * multiplier if torch.is_grad_enabled() else h.mul_(multiplier)
+        grad = torch.is_grad_enabled()
+        h = h * multiplier if grad else h.mul_(multiplier)
         if result.dtype != dtype:
             return result + torch.mm(h, b_t).view(*result.shape[:-1], -1).to(result.dtype)
-        return torch.addmm(result.reshape(-1, result.shape[-1]), h, b_t).view(result.shape)
+        flat = result.reshape(-1, result.shape[-1])
+        if grad:
+            return torch.addmm(flat, h, b_t).view(result.shape)
+        # the base layer's output is this layer's own fresh tensor: adding into it skips the copy of it that
+        # out-of-place addmm makes first (the largest overhead of the real pass, ~4% of a prefill)
+        return torch.addmm(flat, h, b_t, out=flat).view(result.shape)  # out=, not addmm_: FLOP counters see it
+
+    def _row_multiplier(self, dtype: torch.dtype, xe: torch.Tensor) -> torch.Tensor:
+        """``[tokens, sum_r]``: :meth:`_column_multiplier` matched to the rows of the flattened input ``xe``.
+
+        Shaped once per pass, experts pattern and input shape and shared like the column multiplier (kept in
+        ``RoutingState.multipliers``): the views, broadcast and reshape it takes cost a layer more Python time than
+        its multiply does at prefill sizes.
+        """
+        routing = self.routing
+        index = self.layer_index if routing._scalings.shape[2] > 1 else 0
+        key = ("rows", index, self._pattern_id, dtype, xe.device, xe.shape[:-1])
+        rows = routing.multipliers.get(key)
+        if rows is None:
+            multiplier = _tokens_view(
+                self._column_multiplier(dtype, with_lora_scale=False, device=xe.device), xe, self.module_name
+            )
+            rank = multiplier.shape[-1]
+            if multiplier.shape[:-1] != xe.shape[:-1]:
+                multiplier = multiplier.expand(*xe.shape[:-1], rank)
+            rows = multiplier.reshape(-1, rank)
+            routing.multipliers[key] = rows
+        return rows
 
     def _loop_delta(self, xe: torch.Tensor) -> torch.Tensor:
         """peft's per-expert loop: used when experts train or LoRA dropout is live."""
