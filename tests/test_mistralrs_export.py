@@ -52,6 +52,14 @@ def experts(tmp_path_factory) -> dict[str, Path]:
         "embed": save_expert(tiny_llama, root / "embed", target_modules=["q_proj", "embed_tokens"], seed=5),
         "embed_only": save_expert(tiny_llama, root / "embed_only", target_modules=["embed_tokens"], seed=7),
         "head": save_expert(tiny_llama, root / "head", target_modules=["v_proj", "lm_head"], seed=6),
+        "alpha_zero": save_expert(
+            tiny_llama,
+            root / "alpha0",
+            target_modules=["q_proj", "v_proj"],
+            alpha=0,
+            alpha_pattern={"q_proj": 8},
+            seed=8,
+        ),
     }
 
 
@@ -158,6 +166,28 @@ def test_rslora_patterns_and_other_targets_are_folded_into_what_mistralrs_comput
             torch.testing.assert_close(b @ a * scale, want.detach(), rtol=1e-5, atol=1e-6, msg=f"{name} {path}")
     classifier = load_file(str(out / "xlora_classifier.safetensors"))
     assert classifier["last.weight"].shape[0] == len(built) * len(names)  # one block of rows per built layer
+    back = import_mixture(out, base_model=tiny_llama())
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_alpha_zero_with_an_alpha_pattern_exports_with_peft_scales_folded_into_b(experts, tmp_path):
+    model = mixture(experts, ["plain", "alpha_zero"])
+    out = export_mistralrs(model, tmp_path / "rs")
+    config = read(out, "alpha_zero_adapter_config.json")
+    assert config["lora_alpha"] == config["r"] and not config["alpha_pattern"]  # mistral.rs's scale is 1
+    tensors = load_file(str(out / "alpha_zero_adapter_model.safetensors"))
+    for layer in model.xlora_layers:
+        lora = layer.lora_layer
+        a = tensors[f"base_model.model.{layer.module_name}.lora_A.weight"]
+        b = tensors[f"base_model.model.{layer.module_name}.lora_B.weight"]
+        if "alpha_zero" in lora.lora_A:
+            want = lora.lora_B["alpha_zero"].weight @ lora.lora_A["alpha_zero"].weight * lora.scaling["alpha_zero"]
+        else:
+            want = torch.zeros(b.shape[0], a.shape[1])
+        torch.testing.assert_close(b @ a, want.detach(), rtol=1e-5, atol=1e-6)
+    scales = {float(layer.lora_layer.scaling.get("alpha_zero", -1)) for layer in model.xlora_layers}
+    assert 0.0 in scales and 2.0 in scales  # v_proj's lora_alpha 0, q_proj's pattern 8 over r 4
     back = import_mixture(out, base_model=tiny_llama())
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)

@@ -245,11 +245,12 @@ def _expert_files(model: XLoraModel, expert: ResolvedExpert, scratch: Path) -> t
 def _mistralrs_expert(
     model: XLoraModel, expert: ResolvedExpert, plan: _Plan, scratch: Path
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """One expert as mistral.rs reads it: factors on exactly ``plan.layers``, one rank, scale ``lora_alpha / r``.
+    """One expert as mistral.rs reads it: factors on exactly ``plan.layers``, one rank, ``lora_alpha = r``.
 
-    Per layer, peft's own scale (``layer.scaling``: rsLoRA and alpha/rank patterns included) is what xlora-hub
-    computes; where it differs from ``lora_alpha / r`` it is folded into ``lora_B``, and a smaller rank is padded
-    with zero rows of A / columns of B. A layer without this expert gets zero factors. All exact.
+    mistral.rs applies one scale ``lora_alpha / r`` per expert; it is written as 1 and, per layer, peft's own scale
+    (``layer.scaling``: rsLoRA and alpha/rank patterns included, what xlora-hub computes) is folded into
+    ``lora_B``, so a ``lora_alpha`` of 0 (valid with ``alpha_pattern``) needs no division. A smaller rank is
+    padded with zero rows of A / columns of B. A layer without this expert gets zero factors. All exact.
     """
     config, state = _expert_files(model, expert, scratch)
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -266,14 +267,13 @@ def _mistralrs_expert(
     ours = {layer.module_name: layer for layer in model.xlora_layers}
     kept = {path: f for path, f in factors.items() if path not in plan.dropped}
     rank = max(int(f["lora_A"].shape[0]) for f in kept.values()) if kept else int(config.get("r", 1))
-    alpha = float(config.get("lora_alpha", rank))
     out: dict[str, torch.Tensor] = {}
     for path in plan.layers:
         prefix = f"base_model.model.{path}"
         if path in kept:
             a, b = kept[path]["lora_A"], kept[path]["lora_B"]
             scale = float(ours[path].lora_layer.scaling[expert.name])
-            factor = scale / (alpha / rank)
+            factor = scale  # mistral.rs multiplies by lora_alpha / r = 1
             if a.shape[0] < rank:
                 a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
                 b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
@@ -289,7 +289,7 @@ def _mistralrs_expert(
     config = dict(config)
     config.update(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=float(rank),
         target_modules=plan.targets,
         use_rslora=False,
         rank_pattern={},
