@@ -211,10 +211,34 @@ def test_given_weights_and_the_card(expert_dirs, tmp_path):
         expected = model.model(input_ids=IDS).logits
     assert torch.allclose(logits(load_plain_lora(out)), expected, atol=1e-5, rtol=0)
     card = ModelCard.load(out / "README.md")
-    assert card.data.base_model_relation == "adapter" and card.data.library_name == "peft"
+    # no base model is recorded (made in memory), so no base_model and no relation to one (see the Hub test)
+    assert card.data.base_model is None and getattr(card.data, "base_model_relation", None) is None
+    assert card.data.library_name == "peft"
     assert "lora" in card.data.tags
     assert "Given by the user" in card.text and "Not measured (no calibration data)" in card.text
     assert str(tmp_path) not in card.text and str(expert_dirs["a"]) not in (out / "adapter_config.json").read_text()
+
+
+def test_a_bare_base_name_inside_the_mixture_is_not_published_as_a_hub_id(expert_dirs, tmp_path, monkeypatch):
+    mixture_dir = tmp_path / "mix"
+    tiny_llama().save_pretrained(mixture_dir / "base_model")
+    config = XLoraConfig(experts={n: str(d) for n, d in expert_dirs.items()})
+    XLoraModel.from_experts(tiny_llama(), config).save_pretrained(mixture_dir, bundle_experts=True, overwrite=True)
+    saved = json.loads((mixture_dir / "xlora_config.json").read_text())
+    saved["base_model"] = {"repo_id": "base_model"}  # a valid Hub id too, but here a folder of the mixture
+    (mixture_dir / "xlora_config.json").write_text(json.dumps(saved))
+    monkeypatch.chdir(tmp_path)
+    loaded = XLoraModel.from_pretrained(mixture_dir)
+    out = flatten_to_lora(loaded, tmp_path / "flat", weights={"a": 1.0})
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] is None and adapter["revision"] is None
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model is None and getattr(card.data, "base_model_relation", None) is None
+    assert "names no base model" in card.text and "pass it as `base_model`" in card.text
+    assert "base_model" not in card.content.split("---")[1]  # nothing about a base in the metadata
+    with torch.no_grad(), pinned_routing(loaded, torch.tensor([[1.0, 0.0, 0.0]])):
+        expected = loaded.model(input_ids=IDS).logits
+    assert torch.allclose(logits(load_plain_lora(out)), expected, atol=1e-5, rtol=0)  # on the base passed to peft
 
 
 def test_fidelity_on_the_calibration_data_is_measured_against_the_routed_mixture(expert_dirs, tokenizer, tmp_path):

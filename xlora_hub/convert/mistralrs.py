@@ -44,7 +44,7 @@ from torch import nn
 from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME
 from ..errors import InvalidConfigError, UnsupportedFormatError
 from ..hub import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, write_expert_files
-from ..refs import has_path_syntax, is_hub_repo_id
+from ..refs import loaded_base_folder, stored_base_hub_id
 from .common import read_json
 from .flat import flat_file_names
 from .original import MISTRALRS_ORDERING_NAME, _original_classifier_state, _original_config
@@ -98,12 +98,6 @@ def mistralrs_expert_names(names: Sequence[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- base model id
-def _local_base_folder(model: XLoraModel) -> str | None:
-    """The absolute folder the base model was loaded from, when it was loaded from one."""
-    name = getattr(getattr(model.model, "config", None), "_name_or_path", None) or ""
-    return str(Path(name).resolve()) if name and os.path.isabs(name) and os.path.isdir(name) else None
-
-
 def mistralrs_base_model_id(model: XLoraModel, base_model_id: str | None = None) -> str:
     """The base model id mistral.rs can open: ``base_model_id`` when given (an existing folder made absolute), else
     the mixture's base (a local folder by its absolute path, a Hub repo by its id)."""
@@ -111,10 +105,10 @@ def mistralrs_base_model_id(model: XLoraModel, base_model_id: str | None = None)
         return str(Path(base_model_id).expanduser().resolve()) if os.path.isdir(base_model_id) else base_model_id
     ref = model.xlora_config.base_model
     text = ref.repo_id if ref is not None else ""
-    local = _local_base_folder(model)
+    local = loaded_base_folder(model.model)
     if text and os.path.isabs(os.path.expanduser(text)):
         return str(Path(text).expanduser())
-    if text and not has_path_syntax(text) and is_hub_repo_id(text) and not (local and Path(local).name == text):
+    if stored_base_hub_id(text or None, loaded_from=local):
         if ref.revision:
             logger.warning(
                 "mistral.rs loads %s at its default branch, not at revision %s the mixture was built on.",
