@@ -305,6 +305,20 @@ def test_check_reports_unrecorded_digests_and_a_layer_order_that_differs(hub, wo
     assert "the same layers in another order" in problems[2].message
 
 
+def test_check_a_mixture_that_records_no_base_takes_base_model(hub, world, tmp_path, capsys):
+    no_base = edited(hub, world, lambda c: c.update(base_model=None))  # as a push from a local base records it
+    code, out, _ = run_check(capsys, no_base, "--cache-dir", str(tmp_path / "c"))
+    assert code == 1 and "records no base model" in out and "--base-model" in out
+    for base in (str(world["root"] / "base"), world["repos"]["base"]):  # a folder, a Hub id
+        code, out, _ = run_check(capsys, no_base, "--base-model", base, "--cache-dir", str(tmp_path / "c"))
+        assert code == 0, out
+    assert no_weights_downloaded(hub, tmp_path / "c")
+    wide = tmp_path / "wide"
+    tiny_llama(hidden_size=48).config.save_pretrained(wide)  # config only: all check reads
+    problems = check_mixture(no_base, base_model=wide, cache_dir=tmp_path / "c")
+    assert problems and problems[0].subject == f"base model {str(wide)!r}" and "hidden size 48" in problems[0].message
+
+
 def test_check_a_local_folder_and_a_hub_mixture_with_bundled_experts(hub, world, tmp_path):
     assert check_mixture(world["root"] / "mix", cache_dir=tmp_path / "c") == []
     bundled = unique("bundled")

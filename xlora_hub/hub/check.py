@@ -75,6 +75,7 @@ def check_mixture(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    base_model: str | os.PathLike[str] | None = None,
 ) -> list[Problem]:
     """The problems of a mixture (Hub repo or folder), one per failed check; an empty list when it is sound.
 
@@ -82,6 +83,9 @@ def check_mixture(
     recorded ``sha256``/``size`` against the Hub's record, its adapter config and tensor header against the
     base model; the base model (its pin and config); the classifier header; the layer order. A lost connection
     is a ``ConnectionError`` (not a problem of the mixture).
+
+    ``base_model`` (a Hub repo id or a model folder; only its ``config.json`` is read) replaces the recorded base,
+    as ``from_pretrained(base_model=)`` does: a mixture pushed from a local base folder records none.
     """
     label = os.fspath(repo_id_or_path)
     with clear_connection_errors(f"Checking mixture {label!r}", token=token):
@@ -92,14 +96,22 @@ def check_mixture(
                 )
         except _Found as found:
             return [found.problem]
-        return _Checker(source, token=token, cache_dir=cache_dir).run()
+        return _Checker(source, token=token, cache_dir=cache_dir, base_model=base_model).run()
 
 
 class _Checker:
     """The checks of one mixture, each adding its problems; later checks run on what earlier ones established."""
 
-    def __init__(self, source: MixtureSource, *, token: str | bool | None, cache_dir: Any):
+    def __init__(
+        self,
+        source: MixtureSource,
+        *,
+        token: str | bool | None,
+        cache_dir: Any,
+        base_model: str | os.PathLike[str] | None = None,
+    ):
         self.source = source
+        self.base_override = base_model
         self.config: XLoraConfig = source.config
         self.token = token
         self.cache_dir = cache_dir
@@ -158,9 +170,22 @@ class _Checker:
         import torch
         import transformers
 
-        with _as_problem("base model"):
-            ref = resolve_base_model_ref(self.source)
-        self._check_pinned("base model", ref)
+        if self.base_override is not None:
+            text = os.fspath(self.base_override)
+            local = os.path.expanduser(text)
+            ref = BaseModelRef(repo_id=str(Path(local).resolve()) if os.path.isdir(local) else text)
+        elif self.config.base_model is None:
+            raise _Found(
+                Problem(
+                    "base model",
+                    "the mixture records no base model (it was pushed from a local base folder); pass "
+                    "`base_model=` (CLI: --base-model), the Hub repo id or folder of the model it was made on.",
+                )
+            )
+        else:
+            with _as_problem("base model"):
+                ref = resolve_base_model_ref(self.source)
+            self._check_pinned("base model", ref)
         with _as_problem(f"base model {ref.repo_id!r}"):
             auto_config = transformers.AutoConfig.from_pretrained(
                 ref.repo_id, revision=ref.revision, token=self.token, cache_dir=self.cache_dir
