@@ -172,6 +172,20 @@ def test_push_records_each_experts_digest_and_the_card_places_the_mixture_under_
     assert "different licences" in warned and "Expert 'code' is gated (manual)" in warned
 
 
+def test_an_expert_card_with_a_list_of_licences_is_read_as_one_licence(hub, world, tmp_path):
+    listed = unique("listed")
+    folder = save_expert(tiny_llama, tmp_path / "listed", target_modules=TARGETS, seed=4)
+    seed_repo(hub, listed, folder, card="---\nlicense:\n- mit\n- apache-2.0\n---\n# listed\n")
+    base = transformers.AutoModelForCausalLM.from_pretrained(world["repos"]["base"], cache_dir=tmp_path / "c")
+    config = XLoraConfig(experts={"math": world["repos"]["math"], "listed": listed})
+    model = XLoraModel.from_experts(base, config, cache_dir=tmp_path / "c")
+    mixture = unique("listed-mix")
+    model.push_to_hub(mixture, token=hub.token)
+    card = ModelCard(hub.server.get_file(mixture, "README.md").decode())
+    assert "| `mit, apache-2.0` | open |" in card.text
+    assert "different licences (math: apache-2.0; listed: mit, apache-2.0)" in card.text
+
+
 def test_hub_requests_name_xlora_hub_in_their_user_agent(hub, world, tmp_path):
     from importlib.metadata import version
 
