@@ -427,8 +427,12 @@ class HubServer:
         branch: str = "main",
         message: str = "Direct commit",
         author: str = "system",
+        lfs: bool | None = None,
     ) -> str:
-        """Commit directly to ``branch`` (created from main if missing). ``None`` values delete. Returns the sha."""
+        """Commit directly to ``branch`` (created from main if missing). ``None`` values delete. Returns the sha.
+
+        ``lfs`` forces every file in or out of LFS (a plain git weight file, as an old repo may hold); ``None``: the
+        server's rule (suffix, size, binary)."""
         with self._lock:
             repo = self._repos[(repo_type, repo_id)]
             ref = branch if branch.startswith("refs/") else f"refs/heads/{branch}"
@@ -438,7 +442,8 @@ class HubServer:
                 if content is None:
                     new_files.pop(path, None)
                 else:
-                    new_files[path] = self._store(content, lfs=self._wants_lfs(path, len(content), content[:512]))
+                    wants = self._wants_lfs(path, len(content), content[:512]) if lfs is None else lfs
+                    new_files[path] = self._store(content, lfs=wants)
             commit = self._new_commit(base, new_files, message, "", author)
             repo.commits[commit.oid] = commit
             repo.refs[ref] = commit.oid

@@ -319,6 +319,23 @@ def test_check_reports_unrecorded_digests_and_a_layer_order_that_differs(hub, wo
     assert "the same layers in another order" in problems[2].message
 
 
+def test_check_says_a_digest_it_cannot_compare_is_not_checked(hub, world, tmp_path):
+    plain = unique("plain-git")
+    hub.server.create_repo(plain)
+    folder = world["root"] / "math"
+    hub.server.commit_files(plain, {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}, lfs=False)
+    data = (folder / WEIGHTS).read_bytes()
+    lock = dict(repo_id=plain, revision=hub.server.head(plain), sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    mixture = edited(hub, world, lambda c: c["experts"][0].update(lock))
+    problems = check_mixture(mixture, cache_dir=tmp_path / "c")
+    assert [p.subject for p in problems] == ["expert 'math'"]
+    assert problems[0].message.startswith("cannot verify sha256 remotely:") and "not an LFS file" in problems[0].message
+    assert f"only its size ({len(data):,d} bytes) was compared" in problems[0].message
+    wrong_size = edited(hub, world, lambda c: c["experts"][0].update(lock, size=len(data) + 1))
+    (problem,) = check_mixture(wrong_size, cache_dir=tmp_path / "c")
+    assert "sha256 unknown (not an LFS file)" in problem.message and f"({len(data) + 1} bytes)" in problem.message
+
+
 def test_check_a_mixture_that_records_no_base_takes_base_model(hub, world, tmp_path, capsys):
     no_base = edited(hub, world, lambda c: c.update(base_model=None))  # as a push from a local base records it
     code, out, _ = run_check(capsys, no_base, "--cache-dir", str(tmp_path / "c"))

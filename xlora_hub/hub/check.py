@@ -283,13 +283,24 @@ class _Checker:
                 )
             return
         sha256, _, size = remote_file_record(self.api, ref.repo_id, path, revision=commit or "main")
+        if ref.sha256 is not None and sha256 is None and (ref.size is None or size == ref.size):
+            self.problems.append(
+                Problem(
+                    subject,
+                    f"cannot verify sha256 remotely: {ref.repo_id}@{commit}'s {path} is not an LFS file (the Hub "
+                    f"records no sha256 for it); only its size ({size:,d} bytes) was compared. A load checks the "
+                    "sha256 of the file it downloads; move the file to LFS to have it checked here.",
+                )
+            )
+            return
         if (ref.sha256 is not None and sha256 is not None and sha256 != ref.sha256) or (
             ref.size is not None and size != ref.size
         ):
             self.problems.append(
                 Problem(
                     subject,
-                    f"{ref.repo_id}@{commit}'s {path} has sha256 {sha256} ({size:,d} bytes) on the Hub but the "
+                    f"{ref.repo_id}@{commit}'s {path} has sha256 {sha256 or 'unknown (not an LFS file)'} "
+                    f"({size:,d} bytes) on the Hub but the "
                     f"mixture recorded sha256 {ref.sha256} ({ref.size} bytes); the mixture would refuse to load it.",
                 )
             )
