@@ -85,6 +85,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_EXPORT_ONLY = (  # (flag, its argparse dest, the formats it applies to)
+    ("--base-model-id", "base_model_id", ("mistralrs", "xlora")),
+    ("--accept-softmax-topk-change", "accept_softmax_topk_change", ("xlora",)),
+    ("--calibration", "calibration", ("lora",)),
+    ("--weights", "weights", ("lora",)),
+    ("--lossy", "lossy", ("mistralrs",)),
+)
+
+
+def _check_export_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An ``export`` flag given with a format it does not apply to is a usage error, never silently ignored."""
+    if args.command != "export":
+        return
+    for flag, dest, formats in _EXPORT_ONLY:
+        if getattr(args, dest, None) and args.format not in formats:
+            parser.error(f"{flag} only applies to export {' or '.join(formats)}, not {args.format}.")
+
+
 def _run(args: argparse.Namespace) -> None:
     """Do the command, printing its result (a format, or the folder written)."""
     if args.command == "detect":
@@ -124,7 +142,9 @@ def _run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m xlora_hub.convert {detect,import,export} ...``: see ``--help``."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_export_flags(parser, args)
     try:
         _run(args)
     except Exception as err:  # the input is wrong: one line; a bug: its traceback, redacted (as `xlora-hub` does)
