@@ -336,6 +336,37 @@ def test_cli_convert_to_lora(expert_dirs, tokenizer, tmp_path, capsys):
     assert "'zz'" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_cli_calibration_tokenizer_falls_back_to_base_model_or_takes_tokenizer(
+    expert_dirs, tokenizer, tmp_path, capsys
+):
+    bare, with_tokenizer, only_tokenizer = tmp_path / "bare", tmp_path / "base", tmp_path / "tok"
+    tiny_llama().save_pretrained(bare)  # the recorded base has no tokenizer
+    tiny_llama().save_pretrained(with_tokenizer)
+    tokenizer.save_pretrained(with_tokenizer)
+    tokenizer.save_pretrained(only_tokenizer)
+    mix = tmp_path / "mix"
+    config = XLoraConfig(experts={n: str(d) for n, d in expert_dirs.items()}, base_model=str(bare))
+    XLoraModel.from_experts(tiny_llama(), config).save_pretrained(mix, bundle_experts=True)
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS[:2]), encoding="utf-8")
+    calib = ["--calibration", str(data)]
+
+    assert cli_main(["convert", str(mix), str(tmp_path / "x"), "--to", "lora", *calib]) == 1
+    err = capsys.readouterr().err
+    assert "No tokenizer could be loaded" in err and "--tokenizer" in err and "--base-model" in err
+    assert convert_main(["export", "lora", str(mix), str(tmp_path / "x"), *calib]) == 1
+    assert "--tokenizer" in capsys.readouterr().err
+    for i, extra in enumerate((["--base-model", str(with_tokenizer)], ["--tokenizer", str(only_tokenizer)])):
+        assert cli_main(["convert", str(mix), str(tmp_path / f"a{i}"), "--to", "lora", *calib, *extra]) == 0
+        assert convert_main(["export", "lora", str(mix), str(tmp_path / f"b{i}"), *calib, *extra]) == 0
+        assert "`calib.jsonl`" in (tmp_path / f"b{i}" / "README.md").read_text()
+    assert (
+        cli_main(["convert", str(mix), str(tmp_path / "y"), "--to", "lora", "--weights", "a=1", "--tokenizer", "t"])
+        == 2
+    )
+    assert "--tokenizer only applies with --to lora --calibration" in capsys.readouterr().err
+
+
 def test_a_mixture_on_a_4bit_base_flattens_to_a_lora_peft_loads_on_that_base(tmp_path):
     """bitsandbytes NF4 (QLoRA's serving case): the LoRA factors are plain tensors, and peft puts the flattened
     adapter on the quantized base as it does any LoRA."""

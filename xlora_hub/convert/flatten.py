@@ -469,6 +469,7 @@ def push_flattened_lora(
 __all__ = [
     "CalibrationInfo",
     "Fidelity",
+    "calibration_tokenizer",
     "flat_state_dict",
     "flatten_to_lora",
     "make_flattened_card",
@@ -478,3 +479,39 @@ __all__ = [
     "pinned_routing",
     "push_flattened_lora",
 ]
+
+
+def calibration_tokenizer(
+    source: str | os.PathLike[str],
+    *,
+    tokenizer: str | None = None,
+    base_model: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+) -> Any:
+    """The tokenizer the command lines read calibration data with (``--tokenizer``, else ``source``'s, else
+    ``--base-model``'s).
+
+    ``source`` is the mixture or checkpoint (its own tokenizer, then its recorded base's, as
+    :func:`xlora_hub.hub.load_tokenizer` looks); a checkpoint converted onto ``--base-model`` may record no base,
+    or one that is not where the user has it, so that base model is tried next. None found: an error naming both
+    options.
+    """
+    from ..errors import InvalidMixtureError
+    from ..hub import load_tokenizer
+
+    hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+    if tokenizer:
+        return load_tokenizer(tokenizer, **hub)
+    fix = "pass --tokenizer (a Hub id or folder with a tokenizer) or --base-model (a base model that has one)."
+    try:
+        return load_tokenizer(source, revision=revision, **hub)
+    except InvalidMixtureError as err:
+        if not base_model:
+            raise InvalidMixtureError(f"{err} The calibration data needs one: {fix}") from None
+    try:
+        return load_tokenizer(base_model, **hub)
+    except InvalidMixtureError as err:
+        raise InvalidMixtureError(f"{err} The calibration data needs one: {fix}") from None
