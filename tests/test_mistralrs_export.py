@@ -134,6 +134,24 @@ def test_names_mistralrs_would_mix_up_are_renamed():
             assert [n for n in renamed if n in file] == [n for n in renamed if file.startswith(f"{n}_adapter_")]
 
 
+def test_names_differing_only_by_case_are_renamed_to_distinct_files_on_any_filesystem():
+    for names in (["Math", "math"], ["code", "CODE_v2"], ["Lora", "x"]):
+        renamed = mistralrs_expert_names(names)
+        assert renamed != names
+        files = ["xlora_config.json", "xlora_classifier.safetensors", "ordering.json"]
+        files += [f"{n}_adapter_{f}" for n in renamed for f in ("config.json", "model.safetensors")]
+        assert len({f.casefold() for f in files}) == len(files)  # one file each on a case-insensitive filesystem
+        for file in (f.casefold() for f in files):
+            owners = [n for n in renamed if n.casefold() in file]
+            assert owners == [n for n in renamed if file.startswith(f"{n.casefold()}_adapter_")]
+
+
+def test_a_base_model_id_under_the_home_folder_is_expanded(experts, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(experts["base"].parent))
+    out = export_mistralrs(mixture(experts, ["plain"]), tmp_path / "rs", base_model_id="~/base")
+    assert read(out, MISTRALRS_ORDERING_NAME)["base_model_id"] == str(experts["base"].resolve())
+
+
 def test_rslora_patterns_and_other_targets_are_folded_into_what_mistralrs_computes(experts, tmp_path):
     names = ["plain", "rslora", "patterns", "first_layer"]
     model = mixture(experts, names, layerwise_scalings=True)

@@ -74,11 +74,16 @@ def _mistralrs_files(names: Sequence[str]) -> list[str]:
 
 def _mistralrs_names_ok(names: Sequence[str]) -> bool:
     """mistral.rs gives each file of the folder to the first expert whose name occurs in the file's name: an
-    expert's files must contain its own name and no other, every other file no name at all."""
-    owners = {filename: name for name in names for filename in flat_file_names(name)}
-    for filename in _mistralrs_files(names):
+    expert's files must contain its own name and no other, every other file no name at all. Compared without
+    case, since ``Math_adapter_model.safetensors`` and ``math_adapter_model.safetensors`` are one file on a
+    case-insensitive filesystem (macOS, Windows)."""
+    folded = [name.casefold() for name in names]
+    if len(set(folded)) != len(folded):
+        return False
+    owners = {filename.casefold(): name for name, low in zip(names, folded) for filename in flat_file_names(low)}
+    for filename in (f.casefold() for f in _mistralrs_files(names)):
         owner = owners.get(filename)
-        if [n for n in names if n in filename] != ([owner] if owner else []):
+        if [n for n, low in zip(names, folded) if low in filename] != ([owner] if owner else []):
             return False
     return True
 
@@ -102,7 +107,8 @@ def mistralrs_base_model_id(model: XLoraModel, base_model_id: str | None = None)
     """The base model id mistral.rs can open: ``base_model_id`` when given (an existing folder made absolute), else
     the mixture's base (a local folder by its absolute path, a Hub repo by its id)."""
     if base_model_id:
-        return str(Path(base_model_id).expanduser().resolve()) if os.path.isdir(base_model_id) else base_model_id
+        folder = os.path.expanduser(base_model_id)
+        return str(Path(folder).resolve()) if os.path.isdir(folder) else base_model_id
     ref = model.xlora_config.base_model
     text = ref.repo_id if ref is not None else ""
     local = loaded_base_folder(model.model)
