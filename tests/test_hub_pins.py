@@ -199,6 +199,24 @@ def test_hub_requests_name_xlora_hub_in_their_user_agent(hub, world, tmp_path):
     assert all(agent in r.headers.get("user-agent", "") for r in ours)
 
 
+def test_check_and_convert_detect_name_xlora_hub_in_their_user_agent(hub, world, tmp_path):
+    from importlib.metadata import version
+
+    from xlora_hub.convert.common import LoadOptions
+    from xlora_hub.convert.detect import source_folder
+
+    agent = f"xlora-hub/{version('xlora-hub')}"
+    hub.server.clear_requests()
+    assert check_mixture(world["mixture"], cache_dir=tmp_path / "c") == []
+    requested = [r for r in hub.server.log if "/resolve/" in r.path]
+    assert any(world["repos"]["base"] in r.path and r.path.endswith("/config.json") for r in requested)
+    assert all(agent in r.headers.get("user-agent", "") for r in hub.server.log)
+    hub.server.clear_requests()
+    _, fmt = source_folder(world["mixture"], revision=None, options=LoadOptions(cache_dir=tmp_path / "d"))
+    assert fmt == "xlora-hub"
+    assert hub.server.log and all(agent in r.headers.get("user-agent", "") for r in hub.server.log)
+
+
 def test_cli_push_warns_on_stderr_when_licences_differ_or_an_expert_is_gated(hub, world, capsys):
     repo_id = unique("cli-push")
     code = main(["push", str(world["root"] / "mix"), repo_id, "--token", hub.token])

@@ -187,9 +187,7 @@ class _Checker:
                 ref = resolve_base_model_ref(self.source)
             self._check_pinned("base model", ref)
         with _as_problem(f"base model {ref.repo_id!r}"):
-            auto_config = transformers.AutoConfig.from_pretrained(
-                ref.repo_id, revision=ref.revision, token=self.token, cache_dir=self.cache_dir
-            )
+            auto_config = transformers.AutoConfig.from_pretrained(self._base_config_folder(ref))
         cls = _model_class(auto_config)
         try:
             with torch.device("meta"):  # module shapes only: nothing is allocated or downloaded
@@ -212,6 +210,23 @@ class _Checker:
                 )
             )
         return model
+
+    def _base_config_folder(self, ref: BaseModelRef) -> str:
+        """Where the base model's ``config.json`` is: its folder, or the Hub file downloaded with xlora-hub's user
+        agent (``AutoConfig.from_pretrained`` of a repo id sends transformers' own)."""
+        from huggingface_hub import hf_hub_download
+
+        if os.path.isdir(os.path.expanduser(ref.repo_id)):
+            return os.path.expanduser(ref.repo_id)
+        path = hf_hub_download(
+            ref.repo_id,
+            "config.json",
+            revision=ref.revision,
+            token=self.token,
+            cache_dir=self.cache_dir,
+            **client_identity(),
+        )
+        return str(Path(path).parent)
 
     def _check_pinned(self, subject: str, ref: BaseModelRef | ExpertRef) -> None:
         """A Hub ref whose revision is not a commit sha can change under the mixture's users: a problem (in a Hub
