@@ -248,6 +248,41 @@ def test_a_tampered_expert_file_fails_to_load_with_the_digest_error(hub, world, 
         load_mixture(world["mixture"], cache_dir=cache)
 
 
+def test_the_experts_adapter_config_is_pinned_too(hub, world, tmp_path):
+    repos = world["repos"]
+    config = pushed_config(hub, world["mixture"])
+    assert config["format_version"] == 2
+    experts = {e["name"]: e for e in config["experts"]}
+    for name, path in (("math", "adapter_config.json"), ("code", "adapters/code/adapter_config.json")):
+        data = hub.server.get_file(repos[name], path)
+        assert experts[name]["config_sha256"] == hashlib.sha256(data).hexdigest()
+        assert experts[name]["config_size"] == len(data)
+
+    # a mirror serving another lora_alpha under the pinned commit: the same repo id, the commit rewritten
+    mirror = unique("mirror")
+    hub.server.create_repo(mirror)
+    files = {f: hub.server.get_file(repos["math"], f) for f in hub.server.list_files(repos["math"])}
+    adapter = json.loads(files["adapter_config.json"])
+    adapter["lora_alpha"] = adapter["lora_alpha"] * 2
+    files["adapter_config.json"] = json.dumps(adapter).encode()
+    hub.server.commit_files(mirror, files)
+    recorded = experts["math"]
+    served = edited(hub, world, lambda c: c["experts"][0].update(repo_id=mirror, revision=hub.server.head(mirror)))
+    real = recorded["config_sha256"]
+    with pytest.raises(ExpertDigestError, match=f"Expert 'math' .*adapter_config.json .*recorded sha256 {real}"):
+        load_mixture(served, cache_dir=tmp_path / "a")
+    problems = check_mixture(served, cache_dir=tmp_path / "b")
+    assert [p.subject for p in problems] == ["expert 'math'"] and "adapter_config.json" in problems[0].message
+
+    # pins without the config's digest (pushed before it was recorded) still load
+    def without(c):
+        for entry in c["experts"]:
+            entry.pop("config_sha256"), entry.pop("config_size")
+
+    older = edited(hub, world, without)
+    torch.testing.assert_close(logits(load_mixture(older, cache_dir=tmp_path / "c")), world["logits"], rtol=0, atol=0)
+
+
 def test_a_mixture_in_the_previous_format_version_still_loads(hub, world, tmp_path):
     def to_version_1(config):
         config["format_version"] = 1
@@ -401,6 +436,8 @@ def test_push_refuses_an_expert_copy_that_is_not_the_hubs_file(hub, world, tmp_p
         (dict(repo_id="a/b", size=-1), r"`size` must be a byte count \(an integer >= 0\), got -1"),
         (dict(repo_id="a/b", size=True), "`size` must be a byte count"),
         (dict(path="experts/x", sha256="0" * 64), "is a local folder: `sha256`/`size` record a Hub file"),
+        (dict(repo_id="a/b", config_sha256="xyz"), "`config_sha256` must be 64 lower-case hex digits, got 'xyz'"),
+        (dict(repo_id="a/b", config_size=1.5), r"`config_size` must be a byte count \(an integer >= 0\)"),
     ],
 )
 def test_bad_digest_fields_are_refused_naming_the_field(fields, message):

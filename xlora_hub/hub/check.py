@@ -32,7 +32,7 @@ from .experts import (
 )
 from .fetch import MixtureSource, _model_class, fetch_mixture, resolve_base_model_ref
 from .format import expected_classifier_shapes, read_classifier_header
-from .pins import TensorHeader, remote_file_record, remote_tensor_header
+from .pins import TensorHeader, check_expert_config_digest, remote_file_record, remote_tensor_header
 
 __all__ = ["Problem", "check_mixture"]
 
@@ -280,6 +280,7 @@ class _Checker:
                 cache_dir=self.cache_dir,
                 **client_identity(),
             )
+            check_expert_config_digest(name, ref, config_path, revision=commit)  # the config the mixture was built with
             header = remote_tensor_header(ref.repo_id, path, revision=commit, token=self.token, what=f"Expert {name!r}")
         return ResolvedExpert(name, ref, Path(config_path).parent, commit_sha=commit, origin="hub"), header
 

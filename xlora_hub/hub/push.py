@@ -22,7 +22,13 @@ from .api import clear_connection_errors, hub_api
 from .card import ExpertFacts, licence_warnings, make_model_card, read_expert_facts
 from .card_evidence import EVIDENCE_DIR, write_evidence
 from .collection import check_collection_title, update_collection
-from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ResolvedExpert, weights_path_in_repo
+from .experts import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    ResolvedExpert,
+    config_path_in_repo,
+    weights_path_in_repo,
+)
 from .format import EXPERT_FILES, EXPERTS_DIR, MODEL_CARD_NAME
 from .pins import locked_ref
 from .save import bundled_names, plan_experts, write_mixture
@@ -217,15 +223,22 @@ def _pinned_hub_refs(model: XLoraModel, api: Any, *, bundle_experts: bool) -> di
 
 
 def _locked_refs(model: XLoraModel, api: Any, refs: dict[str, ExpertRef]) -> dict[str, ExpertRef]:
-    """Each pinned Hub ref with the sha256 and size of its weight file as the Hub reports them (format version 2),
-    the loaded copy checked to be that file."""
+    """Each pinned Hub ref with the sha256 and size of its weight file and of its adapter config as the Hub reports
+    them (format version 2), the loaded copies checked to be those files."""
     experts = {expert.name: expert for expert in model.experts}
     out = {}
     for name, ref in refs.items():
         local = experts[name].local_dir / ADAPTER_WEIGHTS_NAME if name in experts else None
+        local_config = experts[name].local_dir / ADAPTER_CONFIG_NAME if name in experts else None
         path = weights_path_in_repo(ref, name=name)
         out[name] = locked_ref(
-            api, name, ref, path_in_repo=path, local_file=local if local and local.is_file() else None
+            api,
+            name,
+            ref,
+            path_in_repo=path,
+            local_file=local if local and local.is_file() else None,
+            config_path_in_repo=config_path_in_repo(ref, name=name),
+            local_config=local_config if local_config and local_config.is_file() else None,
         )
     return out
 
