@@ -126,13 +126,16 @@ def locked_ref(
     ``adapter_config.json`` when ``config_path_in_repo`` is given.
 
     A file the Hub keeps in LFS is recorded by its LFS oid; a plain git file (the config always) by the sha256 of
-    the local copy once its git blob id matches the Hub's. A loaded copy that is not the Hub's file is refused: the
-    mixture would record an expert it was not made with.
+    the local copy once its git blob id matches the Hub's (a config without a local copy is downloaded: it is
+    small). A loaded copy that is not the Hub's file is refused: the mixture would record an expert it was not
+    made with.
     """
     assert ref.repo_id is not None and ref.revision is not None
     sha256, size = _file_lock(api, name, ref, path_in_repo, local_file)
     locked = dataclasses.replace(ref, sha256=sha256, size=size)
     if config_path_in_repo is not None:
+        if local_config is None:  # a small JSON file: the Hub's own bytes are hashed (a plain git file has no oid)
+            local_config = Path(api.hf_hub_download(ref.repo_id, config_path_in_repo, revision=ref.revision))
         config_sha256, config_size = _file_lock(api, name, ref, config_path_in_repo, local_config)
         locked = dataclasses.replace(locked, config_sha256=config_sha256, config_size=config_size)
     return locked
