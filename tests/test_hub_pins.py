@@ -391,6 +391,7 @@ def test_check_says_a_digest_it_cannot_compare_is_not_checked(hub, world, tmp_pa
 
 def test_check_a_mixture_that_records_no_base_takes_base_model(hub, world, tmp_path, capsys):
     no_base = edited(hub, world, lambda c: c.update(base_model=None))  # as a push from a local base records it
+    hub.server.clear_requests()
     code, out, _ = run_check(capsys, no_base, "--cache-dir", str(tmp_path / "c"))
     assert code == 1 and "records no base model" in out and "--base-model" in out
     for base in (str(world["root"] / "base"), world["repos"]["base"]):  # a folder, a Hub id
