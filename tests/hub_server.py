@@ -28,7 +28,8 @@ Implemented endpoints (``{t}`` is ``models``/``datasets``/``spaces``, ``{p}`` th
 * ``POST /api/collections`` (409 + ``slug`` when the namespace has one with that title),
   ``GET /api/collections/{slug}``, ``POST /api/collections/{slug}/items`` (409 when the item is in it)
 * ``GET /api/{t}/{repo}`` and ``GET /api/{t}/{repo}/revision/{rev}`` (``?blobs=true`` adds sizes/LFS info: the
-  ``sha256`` a pinned mixture records; ``gated`` as set by :meth:`HubServer.set_gated`)
+  ``sha256`` a pinned mixture records; ``gated`` as set by :meth:`HubServer.set_gated`; a model's ``cardData``:
+  its README's YAML metadata)
 * ``GET /api/{t}/{repo}/tree/{rev}[/{path}]`` (``recursive``, ``expand``), ``POST /api/{t}/{repo}/paths-info/{rev}``
 * ``GET /api/{t}/{repo}/refs`` (``include_prs``), ``GET /api/{t}/{repo}/commits/{rev}``
 * ``POST|DELETE /api/{t}/{repo}/branch/{branch}``, ``POST /api/{t}/{repo}/tag/{rev}``, ``DELETE .../tag/{tag}``
@@ -428,8 +429,12 @@ class HubServer:
         branch: str = "main",
         message: str = "Direct commit",
         author: str = "system",
+        lfs: bool | None = None,
     ) -> str:
-        """Commit directly to ``branch`` (created from main if missing). ``None`` values delete. Returns the sha."""
+        """Commit directly to ``branch`` (created from main if missing). ``None`` values delete. Returns the sha.
+
+        ``lfs`` forces every file in or out of LFS (a plain git weight file, as an old repo may hold); ``None``: the
+        server's rule (suffix, size, binary)."""
         with self._lock:
             repo = self._repos[(repo_type, repo_id)]
             ref = branch if branch.startswith("refs/") else f"refs/heads/{branch}"
@@ -439,7 +444,8 @@ class HubServer:
                 if content is None:
                     new_files.pop(path, None)
                 else:
-                    new_files[path] = self._store(content, lfs=self._wants_lfs(path, len(content), content[:512]))
+                    wants = self._wants_lfs(path, len(content), content[:512]) if lfs is None else lfs
+                    new_files[path] = self._store(content, lfs=wants)
             commit = self._new_commit(base, new_files, message, "", author)
             repo.commits[commit.oid] = commit
             repo.refs[ref] = commit.oid
@@ -1035,6 +1041,21 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ----- read endpoints ----------------------------------------------------------------------------------
 
+    def _card_data(self, commit: Commit) -> dict | None:
+        """The YAML front matter of the commit's README.md (what the Hub's info endpoints send as ``cardData``)."""
+        entry = commit.files.get("README.md")
+        if entry is None:
+            return None
+        import yaml
+
+        text = self.hub._blobs[entry.sha256].decode("utf-8", errors="replace")
+        match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.DOTALL)
+        try:
+            data = yaml.safe_load(match.group(1)) if match else None
+        except yaml.YAMLError:
+            return None
+        return data if isinstance(data, dict) else None
+
     def _info_dict(self, repo: Repo, commit: Commit, *, with_siblings: bool, blobs: bool) -> dict:
         info: dict[str, Any] = {
             "_id": repo.object_id,
@@ -1051,6 +1072,9 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if repo.repo_type == "model":
             info.update({"modelId": repo.repo_id, "downloads": 0, "library_name": None})
+            card_data = self._card_data(commit)
+            if card_data is not None:
+                info["cardData"] = card_data  # the README's YAML metadata, as the Hub sends it
         elif repo.repo_type == "dataset":
             info.update({"downloads": 0})
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -257,6 +258,47 @@ def test_eval_data_without_a_tokenizer_says_where_to_give_one(world):
     assert model.xlora_config.base_model is None  # a base made in memory: no tokenizer to fall back on
     with pytest.raises(DataFormatError, match=r"records no base model.*pass `eval_tokenizer=` \(`--tokenizer`\)"):
         compute_evidence(model, world["rows"], tokenizer=None, plots=False)
+
+
+def test_eval_tokenizer_of_a_base_inside_the_mixture_is_found_from_any_directory(world, tmp_path, monkeypatch):
+    mixture = tmp_path / "mix"
+    base = transformers.AutoModelForCausalLM.from_pretrained(world["dirs"]["base"])
+    model = XLoraModel.from_experts(base, XLoraConfig(experts={n: str(world["dirs"][n]) for n in EXPERTS}))
+    model.save_pretrained(mixture, bundle_experts=True)
+    shutil.copytree(world["dirs"]["base"], mixture / "base_model")  # the only tokenizer: the mixture has none
+    config = json.loads((mixture / "xlora_config.json").read_text())
+    for name in ("./base_model", "base_model"):  # a relative path, and a bare name that is a folder of the mixture
+        config["base_model"] = {"repo_id": name}
+        (mixture / "xlora_config.json").write_text(json.dumps(config))
+        elsewhere = tmp_path / f"cwd-{len(name)}"
+        (elsewhere / "base_model").mkdir(parents=True)  # a folder of the same name in the cwd has no tokenizer
+        monkeypatch.chdir(elsewhere)
+        loaded = XLoraModel.from_pretrained(mixture)
+        evidence = compute_evidence(loaded, world["rows"], tokenizer=None, plots=False)
+        reference = compute_evidence(loaded, world["rows"], tokenizer=world["tokenizer"], plots=False)
+        assert evidence.n_tokens == reference.n_tokens > 0
+        assert evidence.mean_weights == reference.mean_weights
+
+
+def test_eval_tokenizer_of_a_hub_base_is_read_at_its_revision_with_the_token(hub, world, tmp_path):
+    api = HfApi(token=hub.token)
+    repo = unique("ev-private-base")
+    api.create_repo(repo, private=True)
+    first = api.upload_folder(repo_id=repo, folder_path=str(world["dirs"]["base"])).oid
+    files = [f for f in api.list_repo_files(repo) if f.startswith(("tokenizer", "special_tokens", "vocab"))]
+    assert files
+    api.delete_files(repo, delete_patterns=files)  # the main branch no longer has a tokenizer; `first` does
+    model = XLoraModel.from_experts(
+        transformers.AutoModelForCausalLM.from_pretrained(world["dirs"]["base"]),
+        XLoraConfig(
+            experts={n: str(world["dirs"][n]) for n in EXPERTS}, base_model={"repo_id": repo, "revision": first}
+        ),
+    )
+    evidence = compute_evidence(
+        model, world["rows"], tokenizer=None, plots=False, token=hub.token, cache_dir=tmp_path / "cache"
+    )
+    reference = compute_evidence(model, world["rows"], tokenizer=world["tokenizer"], plots=False)
+    assert evidence.n_tokens == reference.n_tokens > 0
 
 
 def _collection(api: HfApi, title: str):

@@ -148,6 +148,34 @@ def test_bad_usage_exits_2(capsys, argv):
     assert "usage: xlora-hub" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "argv, flag",
+    [(["push", "./mix", "a/b", "--eval-no-plots"], "--eval-no-plots"),
+     (["push", "./mix", "a/b", "--tokenizer", "gpt2"], "--tokenizer")],
+)  # fmt: skip
+def test_push_evaluation_flags_without_eval_are_usage_errors(capsys, argv, flag):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and f"{flag} only applies with --eval DATA" in err
+
+
+@pytest.mark.parametrize(
+    "fmt, extra, message",
+    [("peft", ["--lossy"], "--lossy only applies to export mistralrs, not peft"),
+     ("lora", ["--lossy", "--weights", "a=1"], "--lossy only applies to export mistralrs, not lora"),
+     ("xlora", ["--weights", "a=1"], "--weights only applies to export lora, not xlora"),
+     ("mistralrs", ["--calibration", "d.jsonl"], "--calibration only applies to export lora, not mistralrs"),
+     ("mistralrs", ["--accept-softmax-topk-change"], "--accept-softmax-topk-change only applies to export xlora"),
+     ("peft", ["--base-model-id", "o/b"], "--base-model-id only applies to export mistralrs or xlora, not peft")],
+)  # fmt: skip
+def test_convert_module_export_flags_of_another_format_are_usage_errors(capsys, tmp_path, fmt, extra, message):
+    from xlora_hub.convert import main as convert_main
+
+    with pytest.raises(SystemExit) as exit_:
+        convert_main(["export", fmt, str(tmp_path / "missing"), str(tmp_path / "out"), *extra])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------- expert names
 def test_expert_names_from_refs():
     refs = expert_refs(

@@ -211,10 +211,34 @@ def test_given_weights_and_the_card(expert_dirs, tmp_path):
         expected = model.model(input_ids=IDS).logits
     assert torch.allclose(logits(load_plain_lora(out)), expected, atol=1e-5, rtol=0)
     card = ModelCard.load(out / "README.md")
-    assert card.data.base_model_relation == "adapter" and card.data.library_name == "peft"
+    # no base model is recorded (made in memory), so no base_model and no relation to one (see the Hub test)
+    assert card.data.base_model is None and getattr(card.data, "base_model_relation", None) is None
+    assert card.data.library_name == "peft"
     assert "lora" in card.data.tags
     assert "Given by the user" in card.text and "Not measured (no calibration data)" in card.text
     assert str(tmp_path) not in card.text and str(expert_dirs["a"]) not in (out / "adapter_config.json").read_text()
+
+
+def test_a_bare_base_name_inside_the_mixture_is_not_published_as_a_hub_id(expert_dirs, tmp_path, monkeypatch):
+    mixture_dir = tmp_path / "mix"
+    tiny_llama().save_pretrained(mixture_dir / "base_model")
+    config = XLoraConfig(experts={n: str(d) for n, d in expert_dirs.items()})
+    XLoraModel.from_experts(tiny_llama(), config).save_pretrained(mixture_dir, bundle_experts=True, overwrite=True)
+    saved = json.loads((mixture_dir / "xlora_config.json").read_text())
+    saved["base_model"] = {"repo_id": "base_model"}  # a valid Hub id too, but here a folder of the mixture
+    (mixture_dir / "xlora_config.json").write_text(json.dumps(saved))
+    monkeypatch.chdir(tmp_path)
+    loaded = XLoraModel.from_pretrained(mixture_dir)
+    out = flatten_to_lora(loaded, tmp_path / "flat", weights={"a": 1.0})
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] is None and adapter["revision"] is None
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model is None and getattr(card.data, "base_model_relation", None) is None
+    assert "names no base model" in card.text and "pass it as `base_model`" in card.text
+    assert "base_model" not in card.content.split("---")[1]  # nothing about a base in the metadata
+    with torch.no_grad(), pinned_routing(loaded, torch.tensor([[1.0, 0.0, 0.0]])):
+        expected = loaded.model(input_ids=IDS).logits
+    assert torch.allclose(logits(load_plain_lora(out)), expected, atol=1e-5, rtol=0)  # on the base passed to peft
 
 
 def test_fidelity_on_the_calibration_data_is_measured_against_the_routed_mixture(expert_dirs, tokenizer, tmp_path):
@@ -310,6 +334,37 @@ def test_cli_convert_to_lora(expert_dirs, tokenizer, tmp_path, capsys):
         assert phrase in capsys.readouterr().err
     assert cli_main(["convert", str(mix), str(tmp_path / "x"), "--to", "lora", "--weights", "zz=1"]) == 1
     assert "'zz'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_cli_calibration_tokenizer_falls_back_to_base_model_or_takes_tokenizer(
+    expert_dirs, tokenizer, tmp_path, capsys
+):
+    bare, with_tokenizer, only_tokenizer = tmp_path / "bare", tmp_path / "base", tmp_path / "tok"
+    tiny_llama().save_pretrained(bare)  # the recorded base has no tokenizer
+    tiny_llama().save_pretrained(with_tokenizer)
+    tokenizer.save_pretrained(with_tokenizer)
+    tokenizer.save_pretrained(only_tokenizer)
+    mix = tmp_path / "mix"
+    config = XLoraConfig(experts={n: str(d) for n, d in expert_dirs.items()}, base_model=str(bare))
+    XLoraModel.from_experts(tiny_llama(), config).save_pretrained(mix, bundle_experts=True)
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": p}) + "\n" for p in PROMPTS[:2]), encoding="utf-8")
+    calib = ["--calibration", str(data)]
+
+    assert cli_main(["convert", str(mix), str(tmp_path / "x"), "--to", "lora", *calib]) == 1
+    err = capsys.readouterr().err
+    assert "No tokenizer could be loaded" in err and "--tokenizer" in err and "--base-model" in err
+    assert convert_main(["export", "lora", str(mix), str(tmp_path / "x"), *calib]) == 1
+    assert "--tokenizer" in capsys.readouterr().err
+    for i, extra in enumerate((["--base-model", str(with_tokenizer)], ["--tokenizer", str(only_tokenizer)])):
+        assert cli_main(["convert", str(mix), str(tmp_path / f"a{i}"), "--to", "lora", *calib, *extra]) == 0
+        assert convert_main(["export", "lora", str(mix), str(tmp_path / f"b{i}"), *calib, *extra]) == 0
+        assert "`calib.jsonl`" in (tmp_path / f"b{i}" / "README.md").read_text()
+    assert (
+        cli_main(["convert", str(mix), str(tmp_path / "y"), "--to", "lora", "--weights", "a=1", "--tokenizer", "t"])
+        == 2
+    )
+    assert "--tokenizer only applies with --to lora --calibration" in capsys.readouterr().err
 
 
 def test_a_mixture_on_a_4bit_base_flattens_to_a_lora_peft_loads_on_that_base(tmp_path):

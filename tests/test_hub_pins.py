@@ -172,6 +172,20 @@ def test_push_records_each_experts_digest_and_the_card_places_the_mixture_under_
     assert "different licences" in warned and "Expert 'code' is gated (manual)" in warned
 
 
+def test_an_expert_card_with_a_list_of_licences_is_read_as_one_licence(hub, world, tmp_path):
+    listed = unique("listed")
+    folder = save_expert(tiny_llama, tmp_path / "listed", target_modules=TARGETS, seed=4)
+    seed_repo(hub, listed, folder, card="---\nlicense:\n- mit\n- apache-2.0\n---\n# listed\n")
+    base = transformers.AutoModelForCausalLM.from_pretrained(world["repos"]["base"], cache_dir=tmp_path / "c")
+    config = XLoraConfig(experts={"math": world["repos"]["math"], "listed": listed})
+    model = XLoraModel.from_experts(base, config, cache_dir=tmp_path / "c")
+    mixture = unique("listed-mix")
+    model.push_to_hub(mixture, token=hub.token)
+    card = ModelCard(hub.server.get_file(mixture, "README.md").decode())
+    assert "| `mit, apache-2.0` | open |" in card.text
+    assert "different licences (math: apache-2.0; listed: mit, apache-2.0)" in card.text
+
+
 def test_hub_requests_name_xlora_hub_in_their_user_agent(hub, world, tmp_path):
     from importlib.metadata import version
 
@@ -183,6 +197,24 @@ def test_hub_requests_name_xlora_hub_in_their_user_agent(hub, world, tmp_path):
     ours = [r for r in hub.server.log if world["repos"]["base"] not in r.path]  # transformers loads the base
     assert {"xlora_config.json", "adapter_config.json", WEIGHTS} <= {r.path.rsplit("/", 1)[-1] for r in ours}
     assert all(agent in r.headers.get("user-agent", "") for r in ours)
+
+
+def test_check_and_convert_detect_name_xlora_hub_in_their_user_agent(hub, world, tmp_path):
+    from importlib.metadata import version
+
+    from xlora_hub.convert.common import LoadOptions
+    from xlora_hub.convert.detect import source_folder
+
+    agent = f"xlora-hub/{version('xlora-hub')}"
+    hub.server.clear_requests()
+    assert check_mixture(world["mixture"], cache_dir=tmp_path / "c") == []
+    requested = [r for r in hub.server.log if "/resolve/" in r.path]
+    assert any(world["repos"]["base"] in r.path and r.path.endswith("/config.json") for r in requested)
+    assert all(agent in r.headers.get("user-agent", "") for r in hub.server.log)
+    hub.server.clear_requests()
+    _, fmt = source_folder(world["mixture"], revision=None, options=LoadOptions(cache_dir=tmp_path / "d"))
+    assert fmt == "xlora-hub"
+    assert hub.server.log and all(agent in r.headers.get("user-agent", "") for r in hub.server.log)
 
 
 def test_cli_push_warns_on_stderr_when_licences_differ_or_an_expert_is_gated(hub, world, capsys):
@@ -214,6 +246,41 @@ def test_a_tampered_expert_file_fails_to_load_with_the_digest_error(hub, world, 
         ExpertDigestError, match=f"sha256 {hashlib.sha256(bytes(data)).hexdigest()}.*recorded sha256 {real}"
     ):
         load_mixture(world["mixture"], cache_dir=cache)
+
+
+def test_the_experts_adapter_config_is_pinned_too(hub, world, tmp_path):
+    repos = world["repos"]
+    config = pushed_config(hub, world["mixture"])
+    assert config["format_version"] == 2
+    experts = {e["name"]: e for e in config["experts"]}
+    for name, path in (("math", "adapter_config.json"), ("code", "adapters/code/adapter_config.json")):
+        data = hub.server.get_file(repos[name], path)
+        assert experts[name]["config_sha256"] == hashlib.sha256(data).hexdigest()
+        assert experts[name]["config_size"] == len(data)
+
+    # a mirror serving another lora_alpha under the pinned commit: the same repo id, the commit rewritten
+    mirror = unique("mirror")
+    hub.server.create_repo(mirror)
+    files = {f: hub.server.get_file(repos["math"], f) for f in hub.server.list_files(repos["math"])}
+    adapter = json.loads(files["adapter_config.json"])
+    adapter["lora_alpha"] = adapter["lora_alpha"] * 2
+    files["adapter_config.json"] = json.dumps(adapter).encode()
+    hub.server.commit_files(mirror, files)
+    recorded = experts["math"]
+    served = edited(hub, world, lambda c: c["experts"][0].update(repo_id=mirror, revision=hub.server.head(mirror)))
+    real = recorded["config_sha256"]
+    with pytest.raises(ExpertDigestError, match=f"Expert 'math' .*adapter_config.json .*recorded sha256 {real}"):
+        load_mixture(served, cache_dir=tmp_path / "a")
+    problems = check_mixture(served, cache_dir=tmp_path / "b")
+    assert [p.subject for p in problems] == ["expert 'math'"] and "adapter_config.json" in problems[0].message
+
+    # pins without the config's digest (pushed before it was recorded) still load
+    def without(c):
+        for entry in c["experts"]:
+            entry.pop("config_sha256"), entry.pop("config_size")
+
+    older = edited(hub, world, without)
+    torch.testing.assert_close(logits(load_mixture(older, cache_dir=tmp_path / "c")), world["logits"], rtol=0, atol=0)
 
 
 def test_a_mixture_in_the_previous_format_version_still_loads(hub, world, tmp_path):
@@ -305,6 +372,38 @@ def test_check_reports_unrecorded_digests_and_a_layer_order_that_differs(hub, wo
     assert "the same layers in another order" in problems[2].message
 
 
+def test_check_says_a_digest_it_cannot_compare_is_not_checked(hub, world, tmp_path):
+    plain = unique("plain-git")
+    hub.server.create_repo(plain)
+    folder = world["root"] / "math"
+    hub.server.commit_files(plain, {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}, lfs=False)
+    data = (folder / WEIGHTS).read_bytes()
+    lock = dict(repo_id=plain, revision=hub.server.head(plain), sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    mixture = edited(hub, world, lambda c: c["experts"][0].update(lock))
+    problems = check_mixture(mixture, cache_dir=tmp_path / "c")
+    assert [p.subject for p in problems] == ["expert 'math'"]
+    assert problems[0].message.startswith("cannot verify sha256 remotely:") and "not an LFS file" in problems[0].message
+    assert f"only its size ({len(data):,d} bytes) was compared" in problems[0].message
+    wrong_size = edited(hub, world, lambda c: c["experts"][0].update(lock, size=len(data) + 1))
+    (problem,) = check_mixture(wrong_size, cache_dir=tmp_path / "c")
+    assert "sha256 unknown (not an LFS file)" in problem.message and f"({len(data) + 1} bytes)" in problem.message
+
+
+def test_check_a_mixture_that_records_no_base_takes_base_model(hub, world, tmp_path, capsys):
+    no_base = edited(hub, world, lambda c: c.update(base_model=None))  # as a push from a local base records it
+    hub.server.clear_requests()
+    code, out, _ = run_check(capsys, no_base, "--cache-dir", str(tmp_path / "c"))
+    assert code == 1 and "records no base model" in out and "--base-model" in out
+    for base in (str(world["root"] / "base"), world["repos"]["base"]):  # a folder, a Hub id
+        code, out, _ = run_check(capsys, no_base, "--base-model", base, "--cache-dir", str(tmp_path / "c"))
+        assert code == 0, out
+    assert no_weights_downloaded(hub, tmp_path / "c")
+    wide = tmp_path / "wide"
+    tiny_llama(hidden_size=48).config.save_pretrained(wide)  # config only: all check reads
+    problems = check_mixture(no_base, base_model=wide, cache_dir=tmp_path / "c")
+    assert problems and problems[0].subject == f"base model {str(wide)!r}" and "hidden size 48" in problems[0].message
+
+
 def test_check_a_local_folder_and_a_hub_mixture_with_bundled_experts(hub, world, tmp_path):
     assert check_mixture(world["root"] / "mix", cache_dir=tmp_path / "c") == []
     bundled = unique("bundled")
@@ -338,6 +437,8 @@ def test_push_refuses_an_expert_copy_that_is_not_the_hubs_file(hub, world, tmp_p
         (dict(repo_id="a/b", size=-1), r"`size` must be a byte count \(an integer >= 0\), got -1"),
         (dict(repo_id="a/b", size=True), "`size` must be a byte count"),
         (dict(path="experts/x", sha256="0" * 64), "is a local folder: `sha256`/`size` record a Hub file"),
+        (dict(repo_id="a/b", config_sha256="xyz"), "`config_sha256` must be 64 lower-case hex digits, got 'xyz'"),
+        (dict(repo_id="a/b", config_size=1.5), r"`config_size` must be a byte count \(an integer >= 0\)"),
     ],
 )
 def test_bad_digest_fields_are_refused_naming_the_field(fields, message):

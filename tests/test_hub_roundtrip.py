@@ -105,6 +105,13 @@ def hub_mixture(hub, world, cache: Path, *, seed: int = 0, secret: bool = False,
 
 
 # ---------------------------------------------------------------------------------------------- round trip
+
+
+def _config_lock(data: bytes) -> dict:
+    """The ``config_sha256`` / ``config_size`` a push records for an expert's adapter_config.json."""
+    return {"config_sha256": hashlib.sha256(data).hexdigest(), "config_size": len(data)}
+
+
 def test_push_and_load_round_trip(hub, world, tmp_path):
     model = hub_mixture(hub, world, tmp_path / "cache", layerwise_scalings=True)
     repos = world["repos"]
@@ -125,6 +132,7 @@ def test_push_and_load_round_trip(hub, world, tmp_path):
         "revision": hub.server.head(repos["math"]),
         "sha256": hashlib.sha256(math_bytes).hexdigest(),  # format version 2: the weight file's digest and size
         "size": len(math_bytes),
+        **_config_lock(hub.server.get_file(repos["math"], "adapter_config.json")),  # and its adapter config's
     }
     assert (
         pinned["code"]["revision"] == hub.server.head(repos["code"]) and pinned["code"]["subfolder"] == "adapters/code"
@@ -275,6 +283,7 @@ def test_local_experts_are_bundled_pushed_or_refused(hub, world, tmp_path):
         "revision": hub.server.head(expert_repo),
         "sha256": hashlib.sha256(mine_bytes).hexdigest(),
         "size": len(mine_bytes),
+        **_config_lock(hub.server.get_file(expert_repo, "adapter_config.json")),  # the config as pushed there
     }
     assert expert_repo in hub.server.get_file(repo_id, "README.md").decode()
     torch.testing.assert_close(logits(load_mixture(repo_id, cache_dir=tmp_path / "f1")), expected, rtol=0, atol=0)

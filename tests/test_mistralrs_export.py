@@ -52,6 +52,14 @@ def experts(tmp_path_factory) -> dict[str, Path]:
         "embed": save_expert(tiny_llama, root / "embed", target_modules=["q_proj", "embed_tokens"], seed=5),
         "embed_only": save_expert(tiny_llama, root / "embed_only", target_modules=["embed_tokens"], seed=7),
         "head": save_expert(tiny_llama, root / "head", target_modules=["v_proj", "lm_head"], seed=6),
+        "alpha_zero": save_expert(
+            tiny_llama,
+            root / "alpha0",
+            target_modules=["q_proj", "v_proj"],
+            alpha=0,
+            alpha_pattern={"q_proj": 8},
+            seed=8,
+        ),
     }
 
 
@@ -126,6 +134,24 @@ def test_names_mistralrs_would_mix_up_are_renamed():
             assert [n for n in renamed if n in file] == [n for n in renamed if file.startswith(f"{n}_adapter_")]
 
 
+def test_names_differing_only_by_case_are_renamed_to_distinct_files_on_any_filesystem():
+    for names in (["Math", "math"], ["code", "CODE_v2"], ["Lora", "x"]):
+        renamed = mistralrs_expert_names(names)
+        assert renamed != names
+        files = ["xlora_config.json", "xlora_classifier.safetensors", "ordering.json"]
+        files += [f"{n}_adapter_{f}" for n in renamed for f in ("config.json", "model.safetensors")]
+        assert len({f.casefold() for f in files}) == len(files)  # one file each on a case-insensitive filesystem
+        for file in (f.casefold() for f in files):
+            owners = [n for n in renamed if n.casefold() in file]
+            assert owners == [n for n in renamed if file.startswith(f"{n.casefold()}_adapter_")]
+
+
+def test_a_base_model_id_under_the_home_folder_is_expanded(experts, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(experts["base"].parent))
+    out = export_mistralrs(mixture(experts, ["plain"]), tmp_path / "rs", base_model_id="~/base")
+    assert read(out, MISTRALRS_ORDERING_NAME)["base_model_id"] == str(experts["base"].resolve())
+
+
 def test_rslora_patterns_and_other_targets_are_folded_into_what_mistralrs_computes(experts, tmp_path):
     names = ["plain", "rslora", "patterns", "first_layer"]
     model = mixture(experts, names, layerwise_scalings=True)
@@ -158,6 +184,28 @@ def test_rslora_patterns_and_other_targets_are_folded_into_what_mistralrs_comput
             torch.testing.assert_close(b @ a * scale, want.detach(), rtol=1e-5, atol=1e-6, msg=f"{name} {path}")
     classifier = load_file(str(out / "xlora_classifier.safetensors"))
     assert classifier["last.weight"].shape[0] == len(built) * len(names)  # one block of rows per built layer
+    back = import_mixture(out, base_model=tiny_llama())
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_alpha_zero_with_an_alpha_pattern_exports_with_peft_scales_folded_into_b(experts, tmp_path):
+    model = mixture(experts, ["plain", "alpha_zero"])
+    out = export_mistralrs(model, tmp_path / "rs")
+    config = read(out, "alpha_zero_adapter_config.json")
+    assert config["lora_alpha"] == config["r"] and not config["alpha_pattern"]  # mistral.rs's scale is 1
+    tensors = load_file(str(out / "alpha_zero_adapter_model.safetensors"))
+    for layer in model.xlora_layers:
+        lora = layer.lora_layer
+        a = tensors[f"base_model.model.{layer.module_name}.lora_A.weight"]
+        b = tensors[f"base_model.model.{layer.module_name}.lora_B.weight"]
+        if "alpha_zero" in lora.lora_A:
+            want = lora.lora_B["alpha_zero"].weight @ lora.lora_A["alpha_zero"].weight * lora.scaling["alpha_zero"]
+        else:
+            want = torch.zeros(b.shape[0], a.shape[1])
+        torch.testing.assert_close(b @ a, want.detach(), rtol=1e-5, atol=1e-6)
+    scales = {float(layer.lora_layer.scaling.get("alpha_zero", -1)) for layer in model.xlora_layers}
+    assert 0.0 in scales and 2.0 in scales  # v_proj's lora_alpha 0, q_proj's pattern 8 over r 4
     back = import_mixture(out, base_model=tiny_llama())
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)

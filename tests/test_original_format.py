@@ -154,6 +154,25 @@ def test_export_xlora_bad_input(tmp_path):
     assert json.loads((tmp_path / "c" / "xlora_config.json").read_text())["base_model_id"] == "owner/base"
 
 
+def test_export_xlora_refuses_a_bare_base_name_that_is_a_folder_of_the_mixture(tmp_path, monkeypatch):
+    experts = {n: str(FIXTURES / "d1_bias_flat" / "checkpoint" / n) for n in MANIFEST["experts"]}
+    mixture = tmp_path / "mix"
+    XLoraModel.from_experts(base(), XLoraConfig(experts=experts)).save_pretrained(mixture, bundle_experts=True)
+    shutil.copytree(FIXTURES / "base", mixture / "base_model")
+    config = json.loads((mixture / "xlora_config.json").read_text())
+    config["base_model"] = {"repo_id": "base_model"}  # a valid Hub id too, but here a folder of the mixture
+    (mixture / "xlora_config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    loaded = XLoraModel.from_pretrained(mixture)
+    with pytest.raises(
+        InvalidConfigError, match=r"local folder 'base_model'.*pass `base_model_id=` \(CLI: --base-model-id\)"
+    ):
+        export_xlora(loaded, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    out = export_xlora(loaded, tmp_path / "out", base_model_id="owner/base")
+    assert json.loads((out / "xlora_config.json").read_text())["base_model_id"] == "owner/base"
+
+
 # ---------------------------------------------------------------------------------------------- top-k softmax
 def test_softmax_topk_import_is_refused_unless_accepted(tmp_path, capsys):
     with pytest.raises(UnsupportedFormatError, match="whole batch at once.*accept_softmax_topk_change=True"):

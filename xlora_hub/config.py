@@ -42,7 +42,9 @@ class ExpertRef:
     ``sha256`` and ``size`` (Hub refs only, format version 2) are those of the expert's
     ``adapter_model.safetensors`` at the pinned commit as the Hub reported them at push (its LFS oid): a
     loader checks the downloaded file against them, so a rewritten revision or a mirror serving other
-    bytes is an error rather than another expert.
+    bytes is an error rather than another expert. ``config_sha256`` and ``config_size`` (optional, same
+    version) record its ``adapter_config.json`` the same way (``r``, ``lora_alpha``, the patterns and the
+    target modules decide what the weights compute): the sha256 of the file the mixture was built with.
     """
 
     repo_id: str | None = None
@@ -51,6 +53,8 @@ class ExpertRef:
     path: str | None = None
     sha256: str | None = None
     size: int | None = None
+    config_sha256: str | None = None
+    config_size: int | None = None
 
     def __post_init__(self) -> None:
         if (self.repo_id is None) == (self.path is None):
@@ -71,22 +75,28 @@ class ExpertRef:
         self._check_lock()
 
     def _check_lock(self) -> None:
-        """``sha256``: 64 lower-case hex digits; ``size``: a byte count; both for Hub refs only."""
-        if self.sha256 is None and self.size is None:
+        """``sha256`` / ``config_sha256``: 64 lower-case hex digits; ``size`` / ``config_size``: byte counts; all
+        for Hub refs only."""
+        fields = ("sha256", "size", "config_sha256", "config_size")
+        if all(getattr(self, name) is None for name in fields):
             return
         if self.path is not None:
             raise InvalidConfigError(
                 f"Expert path {short_repr(self.path)} is a local folder: `sha256`/`size` record a Hub file (its "
                 "mixture's own commit pins a bundled expert)."
             )
-        if self.sha256 is not None and not is_sha256(self.sha256):
-            raise InvalidConfigError(
-                f"Expert reference field `sha256` must be 64 lower-case hex digits, got {short_repr(self.sha256)}."
-            )
-        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0):
-            raise InvalidConfigError(
-                f"Expert reference field `size` must be a byte count (an integer >= 0), got {short_repr(self.size)}."
-            )
+        for name in ("sha256", "config_sha256"):
+            value = getattr(self, name)
+            if value is not None and not is_sha256(value):
+                raise InvalidConfigError(
+                    f"Expert reference field `{name}` must be 64 lower-case hex digits, got {short_repr(value)}."
+                )
+        for name in ("size", "config_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise InvalidConfigError(
+                    f"Expert reference field `{name}` must be a byte count (an integer >= 0), got {short_repr(value)}."
+                )
 
     @property
     def is_hub(self) -> bool:
@@ -114,7 +124,7 @@ class ExpertRef:
                 raise InvalidConfigError(
                     f"Unknown field(s) {short_repr(sorted(map(str, unknown)))} in expert reference "
                     f"{short_repr(dict(value))}; "
-                    "allowed: repo_id, revision, subfolder, path, sha256, size."
+                    "allowed: repo_id, revision, subfolder, path, sha256, size, config_sha256, config_size."
                 )
             return cls(**dict(value))
         if not isinstance(value, str) or not value.strip():

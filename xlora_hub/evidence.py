@@ -57,10 +57,18 @@ def require_plots() -> None:
         ) from None
 
 
-def default_tokenizer(model: XLoraModel) -> Any:
-    """The tokenizer of the mixture's base model (Hub id or folder), for evaluation data given without one."""
+def default_tokenizer(
+    model: XLoraModel, *, token: str | bool | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> Any:
+    """The tokenizer of the mixture's base model, for evaluation data given without one.
+
+    The base is taken where a load took it: a local base (``./base_model``, or a bare name that was a folder of
+    the mixture) from the folder the loaded base came from, never from the working directory; a Hub base at the
+    revision the mixture records, with ``token`` and ``cache_dir``.
+    """
     from .errors import DataFormatError
     from .hub import load_tokenizer
+    from .refs import loaded_base_folder, stored_base_hub_id
 
     base = model.xlora_config.base_model
     if base is None:
@@ -68,7 +76,18 @@ def default_tokenizer(model: XLoraModel) -> Any:
             "The evaluation data needs a tokenizer and the mixture records no base model to take it from; pass "
             "`eval_tokenizer=` (`--tokenizer`)."
         )
-    return load_tokenizer(base.repo_id)
+    loaded = loaded_base_folder(model.model)
+    hub_id = stored_base_hub_id(base.repo_id, loaded_from=loaded)
+    if hub_id is not None:
+        return load_tokenizer(hub_id, revision=base.revision, token=token, cache_dir=cache_dir)
+    stored = os.path.expanduser(base.repo_id)
+    folder = loaded or (stored if os.path.isabs(stored) and os.path.isdir(stored) else None)
+    if folder is None:
+        raise DataFormatError(
+            f"The evaluation data needs a tokenizer and the mixture's base model {base.repo_id!r} is a local path "
+            "the loaded base model did not come from; pass `eval_tokenizer=` (`--tokenizer`)."
+        )
+    return load_tokenizer(folder, token=token, cache_dir=cache_dir)
 
 
 def _describe(data: Any, examples: list[dict[str, Any]], name: str | None) -> tuple[str, str]:
@@ -242,16 +261,19 @@ def compute_evidence(
     plots: bool = True,
     dataset_name: str | None = None,
     fields: Fields | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> RoutingEvidence:
     """Routing usage, entropy, scores and (with ``plots``) pictures of ``model`` on ``data`` (see the module).
 
     ``data``: a ``.jsonl`` / ``.txt`` file, a ``datasets.Dataset`` or a list of dicts, as ``train`` reads them.
-    ``dataset_name`` names it on the card (default: the file name, or the dataset's name).
+    ``dataset_name`` names it on the card (default: the file name, or the dataset's name). ``token`` and
+    ``cache_dir`` are used to fetch the base model's tokenizer when ``tokenizer`` is ``None``.
     """
     if plots:
         require_plots()
     if tokenizer is None:
-        tokenizer = default_tokenizer(model)
+        tokenizer = default_tokenizer(model, token=token, cache_dir=cache_dir)
     fields = fields or Fields()
     examples = load_examples(data)
     name, digest = _describe(data, examples, dataset_name)

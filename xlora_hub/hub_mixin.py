@@ -124,7 +124,7 @@ class XLoraHubMixin:
             check_collection_title(collection)  # before the evaluation runs
         evidence = None
         if eval_dataset is not None:
-            evidence = compute_evidence(self, eval_dataset, tokenizer=eval_tokenizer, plots=eval_plots)
+            evidence = compute_evidence(self, eval_dataset, tokenizer=eval_tokenizer, plots=eval_plots, token=token)
         return push_mixture(
             self,
             repo_id,

@@ -24,6 +24,8 @@ __all__ = [
     "is_local_argument",
     "is_sha256",
     "is_stored_hub_id",
+    "loaded_base_folder",
+    "stored_base_hub_id",
 ]
 
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
@@ -65,6 +67,36 @@ def has_path_syntax(value: str | os.PathLike[str]) -> bool:
 def is_stored_hub_id(value: object) -> bool:
     """How a ref *stored* in a file is read: a Hub repo id unless its syntax says path (the cwd never matters)."""
     return isinstance(value, str) and not has_path_syntax(value) and is_hub_repo_id(value)
+
+
+def loaded_base_folder(model: object) -> str | None:
+    """The absolute folder a loaded transformers model came from (its ``config._name_or_path``), else ``None``.
+
+    A mixture's base named ``./base_model`` or ``base_model`` is loaded from the folder inside the mixture, so
+    this, not the stored text, says where that base is once the config has been resolved by a load.
+    """
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not isinstance(name, str) or not name:
+        return None
+    name = os.path.expanduser(name)
+    return os.path.realpath(name) if os.path.isabs(name) and os.path.isdir(name) else None
+
+
+def stored_base_hub_id(stored: str | None, *, loaded_from: str | None) -> str | None:
+    """The Hub repo id a mixture's stored base model ref names, or ``None`` when that base is local.
+
+    Local: path syntax (``./base_model``, an absolute path), or a bare name (``base_model``, ``org/base``) that the
+    base was loaded from as a folder ending in that name (a folder of the mixture, which a load prefers to a Hub
+    repo of the same name). ``loaded_from`` is :func:`loaded_base_folder` of the loaded base. Every exporter and
+    the evidence ask here, so a folder inside a mixture is never published as a Hub id.
+    """
+    if stored is None or not is_stored_hub_id(stored):
+        return None
+    if loaded_from:
+        parts = tuple(stored.split("/"))
+        if tuple(os.path.normpath(loaded_from).split(os.sep))[-len(parts) :] == parts:
+            return None
+    return stored
 
 
 def is_local_argument(value: str | os.PathLike[str]) -> bool:

@@ -14,7 +14,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Print the problems (or that there are none) and return 1 when there is any."""
     from ..hub import check_mixture
 
-    problems = check_mixture(args.mixture, revision=args.revision, token=args.token, cache_dir=args.cache_dir)
+    problems = check_mixture(
+        args.mixture,
+        revision=args.revision,
+        token=args.token,
+        cache_dir=args.cache_dir,
+        base_model=args.base_model,
+    )
     if args.json:
         report = {
             "mixture": args.mixture,
@@ -44,4 +50,10 @@ def add_command(add: AddCommand, sub: Any, common: argparse.ArgumentParser) -> N
     p.set_defaults(func=cmd_check)
     p.add_argument("mixture", metavar="MIXTURE", help="Hub repo id or mixture folder")
     p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        metavar="MODEL",
+        help="Hub repo id or folder of the base model, for a mixture that records none (only config.json is read)",
+    )
     hub_options(p, offline=False)

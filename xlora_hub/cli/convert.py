@@ -16,6 +16,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Check the options and DEST first, import the checkpoint, then save it in the ``--to`` format."""
     from ..config import BaseModelRef
     from ..convert import (
+        calibration_tokenizer,
         detect_format,
         export_mistralrs,
         export_peft,
@@ -39,6 +40,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("--bundle-experts only applies with --to xlora-hub (the other formats always bundle).")
     if (args.calibration or args.weights) and args.to != "lora":
         raise UsageError("--calibration and --weights only apply with --to lora.")
+    if args.tokenizer and not args.calibration:
+        raise UsageError("--tokenizer only applies with --to lora --calibration DATA.")
     if args.to == "lora" and not (args.calibration or args.weights):
         raise UsageError("--to lora needs --calibration DATA (a .jsonl or .txt file) or --weights NAME=W,...")
     weights = parse_weights(args.weights) if args.weights else None
@@ -70,11 +73,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     elif args.to == "xlora":
         path = export_xlora(model, args.dest, base_model_id=args.base_model_id, overwrite=args.overwrite, **accept)
     elif args.to == "lora":
-        from ..hub import load_tokenizer
-
-        tokenizer = (
-            load_tokenizer(args.source, revision=args.revision, **hub_kwargs(args)) if args.calibration else None
-        )
+        tokenizer = None
+        if args.calibration:
+            tokenizer = calibration_tokenizer(
+                args.source,
+                tokenizer=args.tokenizer,
+                base_model=args.base_model,
+                revision=args.revision,
+                **hub_kwargs(args),
+            )
         path = flatten_to_lora(
             model,
             args.dest,
@@ -124,6 +131,9 @@ def add_command(add: AddCommand, sub: Any, common: argparse.ArgumentParser) -> N
     p.add_argument("--bundle-experts", action="store_true", help="(xlora-hub) copy Hub experts into DEST")
     p.add_argument("--calibration", metavar="DATA", help="(lora) .jsonl/.txt data the routing is averaged over")
     p.add_argument("--weights", metavar="NAME=W,...", help="(lora) fixed expert weights instead of calibration")
+    p.add_argument(
+        "--tokenizer", default=None, help="(lora) tokenizer for --calibration (default: SRC's, then --base-model's)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace what DEST already holds")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     hub_options(p, revision="revision of SRC (Hub repo only)")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .loading import load_model, load_tokenizer
-from .options import EXIT_OK, PROG, AddCommand, hub_options, print_lines
+from .options import EXIT_OK, PROG, AddCommand, UsageError, hub_options, print_lines
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -15,6 +15,9 @@ def cmd_push(args: argparse.Namespace) -> int:
     from ..errors import InvalidMixtureError
     from ..hub import push_mixture
 
+    if args.eval is None and (args.eval_no_plots or args.tokenizer is not None):
+        flag = "--eval-no-plots" if args.eval_no_plots else "--tokenizer"
+        raise UsageError(f"{flag} only applies with --eval DATA.")
     if not Path(args.mixture).expanduser().is_dir():
         raise InvalidMixtureError(f"`push` takes a local mixture folder; {args.mixture!r} is not a folder.")
     if args.eval is not None and not args.eval_no_plots:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from .command import main
 from .common import FORMAT_ORIGINAL, FORMAT_PEFT, FORMAT_XLORA_HUB, FORMATS
 from .detect import detect_format
-from .flatten import flatten_to_lora, parse_weights, push_flattened_lora
+from .flatten import calibration_tokenizer, flatten_to_lora, parse_weights, push_flattened_lora
 from .importing import import_mixture
 from .mistralrs import MISTRALRS_ORDERING_NAME, export_mistralrs, mistralrs_expert_names
 from .original_export import export_xlora
@@ -41,6 +41,7 @@ __all__ = [
     "MISTRALRS_ORDERING_NAME",
     "PEFT_CLASSIFIER_MARKER",
     "PEFT_CLASSIFIER_PREFIX",
+    "calibration_tokenizer",
     "detect_format",
     "export_mistralrs",
     "export_peft",

@@ -15,13 +15,13 @@ from torch import nn
 from ..config import BaseModelRef
 from ..error_messages import format_error
 from ..errors import InvalidConfigError
-from ..hub import load_base_model, load_tokenizer
+from ..hub import load_base_model
 from ..model import load_mixture
 from ..redact import redacted_traceback
 from ..staging import check_overwrite
 from .common import LoadOptions
 from .detect import source_folder
-from .flatten import flatten_to_lora, parse_weights
+from .flatten import calibration_tokenizer, flatten_to_lora, parse_weights
 from .importing import import_mixture
 from .mistralrs import export_mistralrs
 from .original_export import export_xlora
@@ -79,10 +79,32 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--accept-softmax-topk-change", action="store_true", help=_ACCEPT_HELP)
     exp.add_argument("--calibration", metavar="DATA", help="(lora) .jsonl/.txt data the routing is averaged over")
     exp.add_argument("--weights", metavar="NAME=W,...", help="(lora) fixed expert weights instead of calibration")
+    exp.add_argument(
+        "--tokenizer", help="(lora) tokenizer for --calibration (default: the mixture's, then --base-model's)"
+    )
     exp.add_argument("--lossy", action="store_true", help="(mistralrs) leave out the LoRA mistral.rs cannot run")
     exp.add_argument("--revision")
     exp.add_argument("--token")
     return parser
+
+
+_EXPORT_ONLY = (  # (flag, its argparse dest, the formats it applies to)
+    ("--base-model-id", "base_model_id", ("mistralrs", "xlora")),
+    ("--accept-softmax-topk-change", "accept_softmax_topk_change", ("xlora",)),
+    ("--calibration", "calibration", ("lora",)),
+    ("--weights", "weights", ("lora",)),
+    ("--tokenizer", "tokenizer", ("lora",)),
+    ("--lossy", "lossy", ("mistralrs",)),
+)
+
+
+def _check_export_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An ``export`` flag given with a format it does not apply to is a usage error, never silently ignored."""
+    if args.command != "export":
+        return
+    for flag, dest, formats in _EXPORT_ONLY:
+        if getattr(args, dest, None) and args.format not in formats:
+            parser.error(f"{flag} only applies to export {' or '.join(formats)}, not {args.format}.")
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -111,9 +133,15 @@ def _run(args: argparse.Namespace) -> None:
             accept = args.accept_softmax_topk_change
             print(export_xlora(model, args.output, base_model_id=args.base_model_id, accept_softmax_topk_change=accept))
         elif args.format == "lora":
-            tokenizer = (
-                load_tokenizer(args.mixture, revision=args.revision, token=args.token) if args.calibration else None
-            )
+            tokenizer = None
+            if args.calibration:
+                tokenizer = calibration_tokenizer(
+                    args.mixture,
+                    tokenizer=args.tokenizer,
+                    base_model=args.base_model,
+                    revision=args.revision,
+                    token=args.token,
+                )
             weights = parse_weights(args.weights) if args.weights else None
             print(
                 flatten_to_lora(model, args.output, calibration=args.calibration, weights=weights, tokenizer=tokenizer)
@@ -124,7 +152,9 @@ def _run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m xlora_hub.convert {detect,import,export} ...``: see ``--help``."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_export_flags(parser, args)
     try:
         _run(args)
     except Exception as err:  # the input is wrong: one line; a bug: its traceback, redacted (as `xlora-hub` does)

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config import CONFIG_NAME, ExpertRef
 from ..errors import ExpertNotFoundError, InvalidConfigError, InvalidMixtureError, UnsupportedFormatError
-from ..hub import ADAPTER_CONFIG_NAME, safe_relative_path
+from ..hub import ADAPTER_CONFIG_NAME, client_identity, safe_relative_path
 from ..refs import has_path_syntax
 from .common import FORMAT_ORIGINAL, FORMAT_PEFT, FORMAT_XLORA_HUB, FORMATS, LoadOptions, read_json
 from .flat import flat_expert_folder
@@ -62,7 +62,7 @@ def source_folder(
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
-    kwargs: dict[str, Any] = dict(revision=revision, **options.fetch_kwargs())
+    kwargs: dict[str, Any] = dict(revision=revision, **options.fetch_kwargs(), **client_identity())
     try:
         data = read_json(Path(hf_hub_download(text, CONFIG_NAME, **kwargs)), what=text)
         if "format_version" in data:

@@ -30,7 +30,7 @@ import torch
 from ..data import CompletionCollator, TokenizedDataset, tokenize_dataset
 from ..errors import IncompatibleExpertError, InvalidConfigError
 from ..hub import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, MODEL_CARD_NAME, clear_connection_errors, hub_api
-from ..refs import hub_url, is_stored_hub_id
+from ..refs import hub_url, loaded_base_folder, stored_base_hub_id
 from ..scalings import process_scalings
 from .writing import save_tensors, write_export
 
@@ -224,6 +224,13 @@ def _target_modules(model: XLoraModel, modules: list[str]) -> list[str]:
     return short if matching == set(modules) else sorted(modules)
 
 
+def _hub_base(model: XLoraModel) -> str | None:
+    """The base model's Hub id, ``None`` for a local base (a path, or a bare name that was a folder of the mixture):
+    a local path is never written in the adapter's config nor on its card (nor published)."""
+    base = model.xlora_config.base_model
+    return stored_base_hub_id(base.repo_id, loaded_from=loaded_base_folder(model.model)) if base else None
+
+
 def _lora_config(model: XLoraModel, ranks: dict[str, int]) -> Any:
     """peft's ``LoraConfig``: the most common rank as ``r``, ``rank_pattern``/``alpha_pattern`` for the modules
     whose rank differs, ``lora_alpha = r`` everywhere (scaling 1: every weight is in A), no dropout, no rsLoRA."""
@@ -233,7 +240,7 @@ def _lora_config(model: XLoraModel, ranks: dict[str, int]) -> Any:
     pattern = {name: rank for name, rank in ranks.items() if rank != common}
     first = model.peft_model.peft_config[model.expert_names[0]] if model.peft_model is not None else None
     base = model.xlora_config.base_model
-    hub_base = base is not None and is_stored_hub_id(base.repo_id)
+    hub_base = _hub_base(model)
     return LoraConfig(
         r=common,
         lora_alpha=common,
@@ -245,7 +252,7 @@ def _lora_config(model: XLoraModel, ranks: dict[str, int]) -> Any:
         use_rslora=False,
         fan_in_fan_out=any(getattr(layer.lora_layer, "fan_in_fan_out", False) for layer in model.xlora_layers),
         task_type=getattr(first, "task_type", None) or "CAUSAL_LM",
-        base_model_name_or_path=base.repo_id if hub_base else None,  # a local path is never written (nor published)
+        base_model_name_or_path=hub_base,  # a local path is never written (nor published)
         revision=base.revision if hub_base else None,
         inference_mode=True,
     )
@@ -298,10 +305,17 @@ def make_flattened_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     base = model.xlora_config.base_model
-    hub_base = base.repo_id if base is not None and is_stored_hub_id(base.repo_id) else None
-    data = ModelCardData(base_model=hub_base, base_model_relation="adapter", library_name="peft", tags=list(CARD_TAGS))
+    hub_base = _hub_base(model)
+    relation = "adapter" if hub_base else None  # the relation describes a base_model; none without one
+    data = ModelCardData(base_model=hub_base, base_model_relation=relation, library_name="peft", tags=list(CARD_TAGS))
     base_text = (
         f"[`{hub_base}`]({hub_url(hub_base, revision=base.revision or 'main')})" if hub_base else "its base model"
+    )
+    local_note = (
+        ""
+        if hub_base
+        else "\nThe mixture was made on a local base model folder, so this adapter names no base model "
+        "(`base_model_name_or_path` is empty): load that base model with transformers and pass it as `base_model`.\n"
     )
     if calibration is None:
         calib = "None: the weights were given, so the fidelity against the routed mixture was not measured."
@@ -348,7 +362,7 @@ from peft import PeftModel
 
 model = PeftModel.from_pretrained(base_model, "path/or/repo-of-this-adapter")
 ```
-"""
+{local_note}"""
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
@@ -455,6 +469,7 @@ def push_flattened_lora(
 __all__ = [
     "CalibrationInfo",
     "Fidelity",
+    "calibration_tokenizer",
     "flat_state_dict",
     "flatten_to_lora",
     "make_flattened_card",
@@ -464,3 +479,39 @@ __all__ = [
     "pinned_routing",
     "push_flattened_lora",
 ]
+
+
+def calibration_tokenizer(
+    source: str | os.PathLike[str],
+    *,
+    tokenizer: str | None = None,
+    base_model: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+) -> Any:
+    """The tokenizer the command lines read calibration data with (``--tokenizer``, else ``source``'s, else
+    ``--base-model``'s).
+
+    ``source`` is the mixture or checkpoint (its own tokenizer, then its recorded base's, as
+    :func:`xlora_hub.hub.load_tokenizer` looks); a checkpoint converted onto ``--base-model`` may record no base,
+    or one that is not where the user has it, so that base model is tried next. None found: an error naming both
+    options.
+    """
+    from ..errors import InvalidMixtureError
+    from ..hub import load_tokenizer
+
+    hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+    if tokenizer:
+        return load_tokenizer(tokenizer, **hub)
+    fix = "pass --tokenizer (a Hub id or folder with a tokenizer) or --base-model (a base model that has one)."
+    try:
+        return load_tokenizer(source, revision=revision, **hub)
+    except InvalidMixtureError as err:
+        if not base_model:
+            raise InvalidMixtureError(f"{err} The calibration data needs one: {fix}") from None
+    try:
+        return load_tokenizer(base_model, **hub)
+    except InvalidMixtureError as err:
+        raise InvalidMixtureError(f"{err} The calibration data needs one: {fix}") from None

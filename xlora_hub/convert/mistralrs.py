@@ -44,7 +44,7 @@ from torch import nn
 from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME
 from ..errors import InvalidConfigError, UnsupportedFormatError
 from ..hub import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, write_expert_files
-from ..refs import has_path_syntax, is_hub_repo_id
+from ..refs import loaded_base_folder, stored_base_hub_id
 from .common import read_json
 from .flat import flat_file_names
 from .original import MISTRALRS_ORDERING_NAME, _original_classifier_state, _original_config
@@ -74,11 +74,16 @@ def _mistralrs_files(names: Sequence[str]) -> list[str]:
 
 def _mistralrs_names_ok(names: Sequence[str]) -> bool:
     """mistral.rs gives each file of the folder to the first expert whose name occurs in the file's name: an
-    expert's files must contain its own name and no other, every other file no name at all."""
-    owners = {filename: name for name in names for filename in flat_file_names(name)}
-    for filename in _mistralrs_files(names):
+    expert's files must contain its own name and no other, every other file no name at all. Compared without
+    case, since ``Math_adapter_model.safetensors`` and ``math_adapter_model.safetensors`` are one file on a
+    case-insensitive filesystem (macOS, Windows)."""
+    folded = [name.casefold() for name in names]
+    if len(set(folded)) != len(folded):
+        return False
+    owners = {filename.casefold(): name for name, low in zip(names, folded) for filename in flat_file_names(low)}
+    for filename in (f.casefold() for f in _mistralrs_files(names)):
         owner = owners.get(filename)
-        if [n for n in names if n in filename] != ([owner] if owner else []):
+        if [n for n, low in zip(names, folded) if low in filename] != ([owner] if owner else []):
             return False
     return True
 
@@ -98,23 +103,18 @@ def mistralrs_expert_names(names: Sequence[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- base model id
-def _local_base_folder(model: XLoraModel) -> str | None:
-    """The absolute folder the base model was loaded from, when it was loaded from one."""
-    name = getattr(getattr(model.model, "config", None), "_name_or_path", None) or ""
-    return str(Path(name).resolve()) if name and os.path.isabs(name) and os.path.isdir(name) else None
-
-
 def mistralrs_base_model_id(model: XLoraModel, base_model_id: str | None = None) -> str:
     """The base model id mistral.rs can open: ``base_model_id`` when given (an existing folder made absolute), else
     the mixture's base (a local folder by its absolute path, a Hub repo by its id)."""
     if base_model_id:
-        return str(Path(base_model_id).expanduser().resolve()) if os.path.isdir(base_model_id) else base_model_id
+        folder = os.path.expanduser(base_model_id)
+        return str(Path(folder).resolve()) if os.path.isdir(folder) else base_model_id
     ref = model.xlora_config.base_model
     text = ref.repo_id if ref is not None else ""
-    local = _local_base_folder(model)
+    local = loaded_base_folder(model.model)
     if text and os.path.isabs(os.path.expanduser(text)):
         return str(Path(text).expanduser())
-    if text and not has_path_syntax(text) and is_hub_repo_id(text) and not (local and Path(local).name == text):
+    if stored_base_hub_id(text or None, loaded_from=local):
         if ref.revision:
             logger.warning(
                 "mistral.rs loads %s at its default branch, not at revision %s the mixture was built on.",
@@ -245,11 +245,12 @@ def _expert_files(model: XLoraModel, expert: ResolvedExpert, scratch: Path) -> t
 def _mistralrs_expert(
     model: XLoraModel, expert: ResolvedExpert, plan: _Plan, scratch: Path
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """One expert as mistral.rs reads it: factors on exactly ``plan.layers``, one rank, scale ``lora_alpha / r``.
+    """One expert as mistral.rs reads it: factors on exactly ``plan.layers``, one rank, ``lora_alpha = r``.
 
-    Per layer, peft's own scale (``layer.scaling``: rsLoRA and alpha/rank patterns included) is what xlora-hub
-    computes; where it differs from ``lora_alpha / r`` it is folded into ``lora_B``, and a smaller rank is padded
-    with zero rows of A / columns of B. A layer without this expert gets zero factors. All exact.
+    mistral.rs applies one scale ``lora_alpha / r`` per expert; it is written as 1 and, per layer, peft's own scale
+    (``layer.scaling``: rsLoRA and alpha/rank patterns included, what xlora-hub computes) is folded into
+    ``lora_B``, so a ``lora_alpha`` of 0 (valid with ``alpha_pattern``) needs no division. A smaller rank is
+    padded with zero rows of A / columns of B. A layer without this expert gets zero factors. All exact.
     """
     config, state = _expert_files(model, expert, scratch)
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -266,14 +267,13 @@ def _mistralrs_expert(
     ours = {layer.module_name: layer for layer in model.xlora_layers}
     kept = {path: f for path, f in factors.items() if path not in plan.dropped}
     rank = max(int(f["lora_A"].shape[0]) for f in kept.values()) if kept else int(config.get("r", 1))
-    alpha = float(config.get("lora_alpha", rank))
     out: dict[str, torch.Tensor] = {}
     for path in plan.layers:
         prefix = f"base_model.model.{path}"
         if path in kept:
             a, b = kept[path]["lora_A"], kept[path]["lora_B"]
             scale = float(ours[path].lora_layer.scaling[expert.name])
-            factor = scale / (alpha / rank)
+            factor = scale  # mistral.rs multiplies by lora_alpha / r = 1
             if a.shape[0] < rank:
                 a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
                 b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
@@ -289,7 +289,7 @@ def _mistralrs_expert(
     config = dict(config)
     config.update(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=float(rank),
         target_modules=plan.targets,
         use_rslora=False,
         rank_pattern={},

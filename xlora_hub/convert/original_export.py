@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..config import CLASSIFIER_WEIGHTS_NAME, CONFIG_NAME
 from ..errors import InvalidConfigError, UnsupportedFormatError
-from ..refs import has_path_syntax
+from ..refs import loaded_base_folder, stored_base_hub_id
 from .original import ORIGIN_XLORA, _original_classifier_state, _original_config
 from .writing import save_tensors, write_experts, write_export, write_json
 
@@ -26,17 +26,21 @@ if TYPE_CHECKING:
 
 
 def _base_model_id(model: XLoraModel, base_model_id: str | None) -> str:
-    """The ``base_model_id`` to write (the original's config requires one): the argument, else the mixture's Hub id."""
+    """The ``base_model_id`` to write (the original's config requires one): the argument, else the mixture's Hub id.
+
+    A local base (a path, or a bare name that is a folder of the mixture) is refused: it would be read as a Hub id.
+    """
     if base_model_id:
         return base_model_id
     base = model.xlora_config.base_model
-    if base is None or has_path_syntax(base.repo_id):
+    hub_id = stored_base_hub_id(base.repo_id, loaded_from=loaded_base_folder(model.model)) if base else None
+    if hub_id is None:
         where = "names no base model" if base is None else f"was built on the local folder {base.repo_id!r}"
         raise InvalidConfigError(
             f"The mixture {where}; pass `base_model_id=` (CLI: --base-model-id), the Hub id written in "
             f"{CONFIG_NAME} for the original's `load_model`."
         )
-    return base.repo_id
+    return hub_id
 
 
 def _check_softmax_topk(model: XLoraModel, *, accept: bool) -> None:

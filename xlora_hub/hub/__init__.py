@@ -22,7 +22,14 @@ itself. Modules, one job each:
 
 from __future__ import annotations
 
-from .api import clear_connection_errors, hub_api, hub_connection_error, hub_endpoint, transport_errors
+from .api import (
+    clear_connection_errors,
+    client_identity,
+    hub_api,
+    hub_connection_error,
+    hub_endpoint,
+    transport_errors,
+)
 from .card import ExpertFacts, licence_warnings, make_model_card, read_expert_facts
 from .card_evidence import (
     EVIDENCE_DIR,
@@ -110,6 +117,7 @@ __all__ = [
     "classifier_metadata",
     "classifier_shapes",
     "clear_connection_errors",
+    "client_identity",
     "download_mixture",
     "evidence_section",
     "expected_classifier_shapes",

@@ -51,11 +51,15 @@ def _card_licence(api: Any, repo_id: str, revision: str | None) -> str | None:
         path = hf_hub_download(repo_id, MODEL_CARD_NAME, revision=revision, token=api.token, **client_identity())
     except EntryNotFoundError:
         return None
-    data = ModelCard.load(path, ignore_metadata_errors=True).data
+    return _licence_text(ModelCard.load(path, ignore_metadata_errors=True).data)
+
+
+def _licence_text(data: Any) -> str | None:
+    """Card data's licence as one string (a list, which card metadata allows, joined; ``other`` with its name)."""
     licence = getattr(data, "license", None)
     if licence == "other" and getattr(data, "license_name", None):
         licence = f"other ({data.license_name})"
-    if isinstance(licence, list):
+    if isinstance(licence, (list, tuple)):
         licence = ", ".join(map(str, licence))
     return str(licence) if licence else None
 
@@ -70,7 +74,7 @@ def read_expert_facts(api: Any, refs: Mapping[str, ExpertRef]) -> dict[str, Expe
         assert ref.repo_id is not None
         info = api.model_info(ref.repo_id, revision=ref.revision)
         card_data = getattr(info, "card_data", None)
-        licence = getattr(card_data, "license", None) if card_data is not None else None
+        licence = _licence_text(card_data) if card_data is not None else None
         if licence is None:
             licence = _card_licence(api, ref.repo_id, info.sha or ref.revision)
         facts[name] = ExpertFacts(license=licence, gated=getattr(info, "gated", False) or False)

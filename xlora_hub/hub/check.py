@@ -32,7 +32,7 @@ from .experts import (
 )
 from .fetch import MixtureSource, _model_class, fetch_mixture, resolve_base_model_ref
 from .format import expected_classifier_shapes, read_classifier_header
-from .pins import TensorHeader, remote_file_record, remote_tensor_header
+from .pins import TensorHeader, check_expert_config_digest, remote_file_record, remote_tensor_header
 
 __all__ = ["Problem", "check_mixture"]
 
@@ -75,6 +75,7 @@ def check_mixture(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    base_model: str | os.PathLike[str] | None = None,
 ) -> list[Problem]:
     """The problems of a mixture (Hub repo or folder), one per failed check; an empty list when it is sound.
 
@@ -82,6 +83,9 @@ def check_mixture(
     recorded ``sha256``/``size`` against the Hub's record, its adapter config and tensor header against the
     base model; the base model (its pin and config); the classifier header; the layer order. A lost connection
     is a ``ConnectionError`` (not a problem of the mixture).
+
+    ``base_model`` (a Hub repo id or a model folder; only its ``config.json`` is read) replaces the recorded base,
+    as ``from_pretrained(base_model=)`` does: a mixture pushed from a local base folder records none.
     """
     label = os.fspath(repo_id_or_path)
     with clear_connection_errors(f"Checking mixture {label!r}", token=token):
@@ -92,14 +96,22 @@ def check_mixture(
                 )
         except _Found as found:
             return [found.problem]
-        return _Checker(source, token=token, cache_dir=cache_dir).run()
+        return _Checker(source, token=token, cache_dir=cache_dir, base_model=base_model).run()
 
 
 class _Checker:
     """The checks of one mixture, each adding its problems; later checks run on what earlier ones established."""
 
-    def __init__(self, source: MixtureSource, *, token: str | bool | None, cache_dir: Any):
+    def __init__(
+        self,
+        source: MixtureSource,
+        *,
+        token: str | bool | None,
+        cache_dir: Any,
+        base_model: str | os.PathLike[str] | None = None,
+    ):
         self.source = source
+        self.base_override = base_model
         self.config: XLoraConfig = source.config
         self.token = token
         self.cache_dir = cache_dir
@@ -158,13 +170,24 @@ class _Checker:
         import torch
         import transformers
 
-        with _as_problem("base model"):
-            ref = resolve_base_model_ref(self.source)
-        self._check_pinned("base model", ref)
-        with _as_problem(f"base model {ref.repo_id!r}"):
-            auto_config = transformers.AutoConfig.from_pretrained(
-                ref.repo_id, revision=ref.revision, token=self.token, cache_dir=self.cache_dir
+        if self.base_override is not None:
+            text = os.fspath(self.base_override)
+            local = os.path.expanduser(text)
+            ref = BaseModelRef(repo_id=str(Path(local).resolve()) if os.path.isdir(local) else text)
+        elif self.config.base_model is None:
+            raise _Found(
+                Problem(
+                    "base model",
+                    "the mixture records no base model (it was pushed from a local base folder); pass "
+                    "`base_model=` (CLI: --base-model), the Hub repo id or folder of the model it was made on.",
+                )
             )
+        else:
+            with _as_problem("base model"):
+                ref = resolve_base_model_ref(self.source)
+            self._check_pinned("base model", ref)
+        with _as_problem(f"base model {ref.repo_id!r}"):
+            auto_config = transformers.AutoConfig.from_pretrained(self._base_config_folder(ref))
         cls = _model_class(auto_config)
         try:
             with torch.device("meta"):  # module shapes only: nothing is allocated or downloaded
@@ -187,6 +210,23 @@ class _Checker:
                 )
             )
         return model
+
+    def _base_config_folder(self, ref: BaseModelRef) -> str:
+        """Where the base model's ``config.json`` is: its folder, or the Hub file downloaded with xlora-hub's user
+        agent (``AutoConfig.from_pretrained`` of a repo id sends transformers' own)."""
+        from huggingface_hub import hf_hub_download
+
+        if os.path.isdir(os.path.expanduser(ref.repo_id)):
+            return os.path.expanduser(ref.repo_id)
+        path = hf_hub_download(
+            ref.repo_id,
+            "config.json",
+            revision=ref.revision,
+            token=self.token,
+            cache_dir=self.cache_dir,
+            **client_identity(),
+        )
+        return str(Path(path).parent)
 
     def _check_pinned(self, subject: str, ref: BaseModelRef | ExpertRef) -> None:
         """A Hub ref whose revision is not a commit sha can change under the mixture's users: a problem (in a Hub
@@ -240,6 +280,7 @@ class _Checker:
                 cache_dir=self.cache_dir,
                 **client_identity(),
             )
+            check_expert_config_digest(name, ref, config_path, revision=commit)  # the config the mixture was built with
             header = remote_tensor_header(ref.repo_id, path, revision=commit, token=self.token, what=f"Expert {name!r}")
         return ResolvedExpert(name, ref, Path(config_path).parent, commit_sha=commit, origin="hub"), header
 
@@ -258,13 +299,24 @@ class _Checker:
                 )
             return
         sha256, _, size = remote_file_record(self.api, ref.repo_id, path, revision=commit or "main")
+        if ref.sha256 is not None and sha256 is None and (ref.size is None or size == ref.size):
+            self.problems.append(
+                Problem(
+                    subject,
+                    f"cannot verify sha256 remotely: {ref.repo_id}@{commit}'s {path} is not an LFS file (the Hub "
+                    f"records no sha256 for it); only its size ({size:,d} bytes) was compared. A load checks the "
+                    "sha256 of the file it downloads; move the file to LFS to have it checked here.",
+                )
+            )
+            return
         if (ref.sha256 is not None and sha256 is not None and sha256 != ref.sha256) or (
             ref.size is not None and size != ref.size
         ):
             self.problems.append(
                 Problem(
                     subject,
-                    f"{ref.repo_id}@{commit}'s {path} has sha256 {sha256} ({size:,d} bytes) on the Hub but the "
+                    f"{ref.repo_id}@{commit}'s {path} has sha256 {sha256 or 'unknown (not an LFS file)'} "
+                    f"({size:,d} bytes) on the Hub but the "
                     f"mixture recorded sha256 {ref.sha256} ({ref.size} bytes); the mixture would refuse to load it.",
                 )
             )

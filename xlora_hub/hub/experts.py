@@ -22,7 +22,7 @@ from ..errors import ExpertNotFoundError, IncompatibleExpertError, InvalidMixtur
 from ..paths import resolve_inside
 from ..refs import is_local_argument
 from .api import client_identity
-from .pins import TensorHeader, check_expert_digest, remote_tensor_header
+from .pins import TensorHeader, check_expert_config_digest, check_expert_digest, remote_tensor_header
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -32,6 +32,7 @@ __all__ = [
     "HeaderCheck",
     "ResolvedExpert",
     "cached_commit_sha",
+    "config_path_in_repo",
     "resolve_expert",
     "safe_relative_path",
     "snapshot_sha",
@@ -85,6 +86,13 @@ def safe_relative_path(value: str, *, what: str) -> PurePosixPath:
             f"{what} {value!r} escapes the mixture: only relative paths inside it are allowed (no '..', no absolute path)."
         )
     return path
+
+
+def config_path_in_repo(ref: ExpertRef, *, name: str) -> str:
+    """Where a Hub expert's ``adapter_config.json`` is inside its repo (its subfolder, checked to stay inside)."""
+    if not ref.subfolder:
+        return ADAPTER_CONFIG_NAME
+    return f"{safe_relative_path(ref.subfolder, what=f'Expert {name!r} subfolder')}/{ADAPTER_CONFIG_NAME}"
 
 
 def weights_path_in_repo(ref: ExpertRef, *, name: str) -> str:
@@ -186,6 +194,7 @@ def _resolve_hub_expert(name: str, ref: ExpertRef, *, precheck: HeaderCheck | No
     with _hub_expert_errors(name, ref, where):
         config_path = hf_hub_download(filename=ADAPTER_CONFIG_NAME, revision=ref.revision, **kwargs)
         sha = snapshot_sha(config_path)
+        check_expert_config_digest(name, ref, config_path, revision=sha)  # before the config is read
         try:
             if precheck is not None and _needs_download(name, ref, sha or ref.revision, **hub):
                 header = remote_tensor_header(

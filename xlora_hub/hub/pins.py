@@ -23,6 +23,7 @@ from .api import hub_api
 
 __all__ = [
     "TensorHeader",
+    "check_expert_config_digest",
     "check_expert_digest",
     "file_sha256",
     "git_blob_sha1",
@@ -61,19 +62,40 @@ def check_expert_digest(name: str, ref: ExpertRef, path: str | os.PathLike[str],
 
     The error names the expert, its repo and revision and both digests, and says what to do.
     """
-    if ref.sha256 is None and ref.size is None:
+    _check_file_digest(name, ref, path, sha256=ref.sha256, size=ref.size, revision=revision)
+
+
+def check_expert_config_digest(
+    name: str, ref: ExpertRef, path: str | os.PathLike[str], *, revision: str | None
+) -> None:
+    """Refuse a downloaded ``adapter_config.json`` that is not the one the mixture was built with (its ``r``,
+    ``lora_alpha``, patterns and target modules decide what the weights compute); no record (older pins): no check."""
+    _check_file_digest(name, ref, path, sha256=ref.config_sha256, size=ref.config_size, revision=revision)
+
+
+def _check_file_digest(
+    name: str,
+    ref: ExpertRef,
+    path: str | os.PathLike[str],
+    *,
+    sha256: str | None,
+    size: int | None,
+    revision: str | None,
+) -> None:
+    """One downloaded file against its recorded ``sha256`` / ``size``: an :class:`ExpertDigestError` naming both."""
+    if sha256 is None and size is None:
         return
-    size = os.path.getsize(path)
-    got = file_sha256(path) if ref.sha256 is not None else None
-    if (ref.size is None or size == ref.size) and (ref.sha256 is None or got == ref.sha256):
+    got_size = os.path.getsize(path)
+    got = file_sha256(path) if sha256 is not None else None
+    if (size is None or got_size == size) and (sha256 is None or got == sha256):
         return
     where = f"{ref.repo_id}@{revision or ref.revision or 'main'}" + (
         f" (subfolder {ref.subfolder!r})" if ref.subfolder else ""
     )
     raise ExpertDigestError(
         f"Expert {name!r} ({where}): the downloaded {Path(path).name} has sha256 {got or 'not computed'} "
-        f"({size:,d} bytes) but the mixture recorded sha256 {ref.sha256 or 'none'}"
-        + (f" ({ref.size:,d} bytes)" if ref.size is not None else "")
+        f"({got_size:,d} bytes) but the mixture recorded sha256 {sha256 or 'none'}"
+        + (f" ({size:,d} bytes)" if size is not None else "")
         + ". These are not the bytes the mixture was made with: the revision was rewritten, or the endpoint "
         "(HF_ENDPOINT, a mirror) or the local cache serves other bytes. Download it again "
         "(`force_download=True`); if it still differs, do not use this mixture until its author pushes it again."
@@ -90,15 +112,38 @@ def remote_file_record(api: Any, repo_id: str, path_in_repo: str, *, revision: s
     return (getattr(lfs, "sha256", None) if lfs is not None else None), entry.blob_id, int(entry.size)
 
 
-def locked_ref(api: Any, name: str, ref: ExpertRef, *, path_in_repo: str, local_file: Path | None) -> ExpertRef:
-    """``ref`` (pinned to a commit) with the sha256 and size of its weight file as the Hub reports them.
+def locked_ref(
+    api: Any,
+    name: str,
+    ref: ExpertRef,
+    *,
+    path_in_repo: str,
+    local_file: Path | None,
+    config_path_in_repo: str | None = None,
+    local_config: Path | None = None,
+) -> ExpertRef:
+    """``ref`` (pinned to a commit) with the sha256 and size of its weight file as the Hub reports them, and of its
+    ``adapter_config.json`` when ``config_path_in_repo`` is given.
 
-    A file the Hub keeps in LFS is recorded by its LFS oid; a plain git file by the sha256 of ``local_file``
-    once its git blob id matches the Hub's. A loaded copy (``local_file``) that is not the Hub's file is
-    refused: the mixture would record an expert it was not made with.
+    A file the Hub keeps in LFS is recorded by its LFS oid; a plain git file (the config always) by the sha256 of
+    the local copy once its git blob id matches the Hub's (a config without a local copy is downloaded: it is
+    small). A loaded copy that is not the Hub's file is refused: the mixture would record an expert it was not
+    made with.
     """
     assert ref.repo_id is not None and ref.revision is not None
-    path = path_in_repo
+    sha256, size = _file_lock(api, name, ref, path_in_repo, local_file)
+    locked = dataclasses.replace(ref, sha256=sha256, size=size)
+    if config_path_in_repo is not None:
+        if local_config is None:  # a small JSON file: the Hub's own bytes are hashed (a plain git file has no oid)
+            local_config = Path(api.hf_hub_download(ref.repo_id, config_path_in_repo, revision=ref.revision))
+        config_sha256, config_size = _file_lock(api, name, ref, config_path_in_repo, local_config)
+        locked = dataclasses.replace(locked, config_sha256=config_sha256, config_size=config_size)
+    return locked
+
+
+def _file_lock(api: Any, name: str, ref: ExpertRef, path: str, local_file: Path | None) -> tuple[str | None, int]:
+    """(sha256, size) to record for one file of a pinned expert (sha256 ``None``: a plain git file, no local copy)."""
+    assert ref.repo_id is not None and ref.revision is not None
     sha256, blob_id, size = remote_file_record(api, ref.repo_id, path, revision=ref.revision)
     if local_file is not None:
         local = file_sha256(local_file) if sha256 is not None else None
@@ -111,9 +156,7 @@ def locked_ref(api: Any, name: str, ref: ExpertRef, *, path_in_repo: str, local_
             )
         if sha256 is None:
             sha256 = file_sha256(local_file)
-    if sha256 is None:  # a plain git file and no local copy: only its size is recorded
-        return dataclasses.replace(ref, size=size)
-    return dataclasses.replace(ref, sha256=sha256, size=size)
+    return sha256, size
 
 
 def remote_tensor_header(

@@ -22,7 +22,13 @@ from .api import clear_connection_errors, hub_api
 from .card import ExpertFacts, licence_warnings, make_model_card, read_expert_facts
 from .card_evidence import EVIDENCE_DIR, write_evidence
 from .collection import check_collection_title, update_collection
-from .experts import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ResolvedExpert, weights_path_in_repo
+from .experts import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    ResolvedExpert,
+    config_path_in_repo,
+    weights_path_in_repo,
+)
 from .format import EXPERT_FILES, EXPERTS_DIR, MODEL_CARD_NAME
 from .pins import locked_ref
 from .save import bundled_names, plan_experts, write_mixture
@@ -180,7 +186,10 @@ def push_mixture(
             for expert in local:
                 repo = expert_repo_id(repo_id, expert.name)
                 pushed = _push_expert(api, expert, repo, mixture=repo_id, private=private)
-                overrides[expert.name] = _locked_refs(model, api, {expert.name: pushed})[expert.name]
+                # its pushed config is not the local file (a local base path is cleared): recorded as pushed
+                overrides[expert.name] = _locked_refs(model, api, {expert.name: pushed}, local_config=False)[
+                    expert.name
+                ]
                 facts[expert.name] = ExpertFacts()  # its new repo: no licence in its card, not gated
         plans = plan_experts(model, bundle_experts=bundle_experts, overrides=overrides)
         info = _upload(
@@ -216,16 +225,26 @@ def _pinned_hub_refs(model: XLoraModel, api: Any, *, bundle_experts: bool) -> di
     return {expert.name: _pin(expert, api) for expert in model.experts if expert.ref.is_hub}
 
 
-def _locked_refs(model: XLoraModel, api: Any, refs: dict[str, ExpertRef]) -> dict[str, ExpertRef]:
-    """Each pinned Hub ref with the sha256 and size of its weight file as the Hub reports them (format version 2),
-    the loaded copy checked to be that file."""
+def _locked_refs(
+    model: XLoraModel, api: Any, refs: dict[str, ExpertRef], *, local_config: bool = True
+) -> dict[str, ExpertRef]:
+    """Each pinned Hub ref with the sha256 and size of its weight file and of its adapter config as the Hub reports
+    them (format version 2), the loaded copies checked to be those files (the config's only with ``local_config``:
+    an expert pushed here has the config xlora-hub wrote, which is then read back from the Hub)."""
     experts = {expert.name: expert for expert in model.experts}
     out = {}
     for name, ref in refs.items():
         local = experts[name].local_dir / ADAPTER_WEIGHTS_NAME if name in experts else None
+        config = experts[name].local_dir / ADAPTER_CONFIG_NAME if name in experts and local_config else None
         path = weights_path_in_repo(ref, name=name)
         out[name] = locked_ref(
-            api, name, ref, path_in_repo=path, local_file=local if local and local.is_file() else None
+            api,
+            name,
+            ref,
+            path_in_repo=path,
+            local_file=local if local and local.is_file() else None,
+            config_path_in_repo=config_path_in_repo(ref, name=name),
+            local_config=config if config and config.is_file() else None,
         )
     return out
 
