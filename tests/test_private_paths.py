@@ -86,6 +86,31 @@ def test_push_local_experts_writes_no_local_path(hub, tmp_path):
             assert not absolute_paths(text, tmp_path), (target, path)
 
 
+def test_pushed_expert_trained_on_the_mixtures_local_base_names_its_hub_copy(hub, tmp_path, caplog):
+    """An expert trained on the folder the mixture's base was loaded from names the Hub copy of that base once
+    it is pushed (``base_model=``), in its adapter config and its card, so loading the mixture does not warn
+    that the expert was trained on another base; an expert trained elsewhere keeps no path."""
+    model = local_mixture(tmp_path)
+    base_repo = f"alice/base-{uuid.uuid4().hex[:6]}"
+    hub.server.create_repo(base_repo)
+    repo = f"alice/own-{uuid.uuid4().hex[:6]}"
+    model.push_to_hub(repo, token=hub.token, push_local_experts=True, base_model=base_repo)
+    files = pushed_text(hub, f"{repo}-math")
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == base_repo
+    assert f"base_model: {base_repo}" in files["README.md"]
+    with caplog.at_level("WARNING"):
+        XLoraModel.from_pretrained(repo, base_model=tiny_llama(), cache_dir=tmp_path / "c")
+    assert "was trained on" not in caplog.text
+
+    other = local_mixture(tmp_path / "elsewhere", trained_on_local_base=False)
+    config = json.loads((tmp_path / "elsewhere" / "lora_math" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "some-other-base")
+    (tmp_path / "elsewhere" / "lora_math" / "adapter_config.json").write_text(json.dumps(config))
+    repo2 = f"alice/own-{uuid.uuid4().hex[:6]}"
+    other.push_to_hub(repo2, token=hub.token, push_local_experts=True, base_model=base_repo)
+    assert json.loads(pushed_text(hub, f"{repo2}-math")["adapter_config.json"])["base_model_name_or_path"] is None
+
+
 def test_model_card_names_a_local_base_by_its_folder(tmp_path):
     from xlora_hub.hub import make_model_card
 

@@ -187,12 +187,22 @@ def _exact_match(
     return correct / n if n else None
 
 
+def _heatmap_picks(n: int) -> set[int]:
+    """Which examples the heatmap shows: :data:`HEATMAP_EXAMPLES` spread evenly over the data (first, last and
+    between), so data grouped by task shows more than its first task."""
+    if n <= HEATMAP_EXAMPLES:
+        return set(range(n))
+    return {round(i * (n - 1) / (HEATMAP_EXAMPLES - 1)) for i in range(HEATMAP_EXAMPLES)}
+
+
 def _scores(model: XLoraModel, features, examples, tokenizer, fields: Fields, *, batch_size: int):
     """The loss (and exact match) of the mixture, each expert alone and the base model; the usage sums and the
-    heatmap rows of the first examples."""
+    heatmap rows of a few examples spread over the data."""
     collator = CompletionCollator.for_tokenizer(tokenizer)
     usage = _Usage(model.n_experts)
-    heat: list[torch.Tensor] = []
+    heat: list[tuple[int, torch.Tensor]] = []
+    shown = _heatmap_picks(len(features))
+    seen = 0
     systems: dict[str, Any] = {MIXTURE: None, **{expert_system(n): i for i, n in enumerate(model.expert_names)}}
     systems[BASE] = "base"
     sums = {name: [0.0, 0] for name in systems}
@@ -208,8 +218,9 @@ def _scores(model: XLoraModel, features, examples, tokenizer, fields: Fields, *,
                 mask = batch["attention_mask"].cpu()
                 usage.add(weights, mask)
                 for row in range(weights.shape[0]):
-                    if len(heat) < HEATMAP_EXAMPLES:
-                        heat.append(weights[row, mask[row].bool()])
+                    if seen + row in shown:
+                        heat.append((seen + row, weights[row, mask[row].bool()]))
+                seen += weights.shape[0]
     completions = [e[fields.completion] for e in examples if fields.prompt in e and fields.completion in e]
     longest = max((len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions), default=0)
     scores = []
@@ -312,22 +323,24 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _pictures(names: list[str], heat: list[torch.Tensor], features, tokenizer, usage: _Usage) -> dict[str, bytes]:
-    """The heatmap of the first examples and the usage bar chart, as PNG bytes by file name."""
+def _pictures(
+    names: list[str], heat: list[tuple[int, torch.Tensor]], features, tokenizer, usage: _Usage
+) -> dict[str, bytes]:
+    """The heatmap of a few examples spread over the data and the usage bar chart, as PNG bytes by file name."""
     from matplotlib.figure import Figure
 
     n = max(usage.tokens, 1)
     rows = len(heat)
     figure = Figure(figsize=(10, 1.0 + 0.45 * max(len(names), 2) * rows), dpi=100, layout="constrained")
-    for k, weights in enumerate(heat):
+    for k, (index, weights) in enumerate(heat):
         ax = figure.add_subplot(rows, 1, k + 1)
         image = ax.imshow(weights.T.numpy(), aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
         figure.colorbar(image, ax=ax, label="weight", fraction=0.03)
-        tokens = [repr(tokenizer.decode([t]))[1:-1] for t in features[k]["input_ids"][: weights.shape[0]]]
+        tokens = [repr(tokenizer.decode([t]))[1:-1] for t in features[index]["input_ids"][: weights.shape[0]]]
         step = max(1, math.ceil(len(tokens) / 60))
         ax.set_xticks(range(0, len(tokens), step), tokens[::step], rotation=90, fontsize=7)
         ax.set_yticks(range(len(names)), names)
-        ax.set_title(f"example {k}: routing weight per token (mean over layers)", fontsize=9)
+        ax.set_title(f"example {index}: routing weight per token (mean over layers)", fontsize=9)
     heatmap = _png(figure)
     figure = Figure(figsize=(max(4, 1.2 * len(names) + 2), 3.2), dpi=100, layout="constrained")
     ax = figure.add_subplot(1, 1, 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import CONFIG_NAME, BaseModelRef, ExpertRef
 from ..errors import ExpertNotFoundError, InvalidMixtureError
 from ..jsonfile import read_json_object
-from ..refs import hub_url, is_commit_sha, is_stored_hub_id
+from ..refs import hub_url, is_commit_sha, is_stored_hub_id, loaded_base_folder, stored_base_hub_id
 from .api import clear_connection_errors, hub_api
 from .card import ExpertFacts, licence_warnings, make_model_card, read_expert_facts
 from .card_evidence import EVIDENCE_DIR, write_evidence
@@ -89,7 +90,16 @@ def expert_repo_id(repo_id: str, name: str) -> str:
     return f"{repo_id}-{name.replace('_', '-')}"
 
 
-def _push_expert(api: Any, expert: ResolvedExpert, repo_id: str, *, mixture: str, private: bool | None) -> ExpertRef:
+def _push_expert(
+    api: Any,
+    expert: ResolvedExpert,
+    repo_id: str,
+    *,
+    mixture: str,
+    private: bool | None,
+    loaded_from: str | None = None,
+    hub_base: str | None = None,
+) -> ExpertRef:
     """Push a local expert's adapter files (and a small card) to its own repo; return the pinned ref."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -98,7 +108,7 @@ def _push_expert(api: Any, expert: ResolvedExpert, repo_id: str, *, mixture: str
         folder = Path(tmp)
         for filename in EXPERT_FILES:
             shutil.copyfile(expert.local_dir / filename, folder / filename)
-        _drop_local_base_paths(folder)
+        _drop_local_base_paths(folder, loaded_from=loaded_from, hub_base=hub_base)
         base = read_json_object(folder / ADAPTER_CONFIG_NAME).get("base_model_name_or_path")
         data = ModelCardData(
             base_model=base if is_stored_hub_id(base) else None, library_name="peft", tags=["lora", "x-lora-expert"]
@@ -185,7 +195,15 @@ def push_mixture(
         if push_local_experts and not bundle_experts and not model.xlora_config.use_trainable_adapters:
             for expert in local:
                 repo = expert_repo_id(repo_id, expert.name)
-                pushed = _push_expert(api, expert, repo, mixture=repo_id, private=private)
+                pushed = _push_expert(
+                    api,
+                    expert,
+                    repo,
+                    mixture=repo_id,
+                    private=private,
+                    loaded_from=loaded_base_folder(model.model),
+                    hub_base=base.repo_id if base is not None else None,
+                )
                 # its pushed config is not the local file (a local base path is cleared): recorded as pushed
                 overrides[expert.name] = _locked_refs(model, api, {expert.name: pushed}, local_config=False)[
                     expert.name
@@ -272,7 +290,8 @@ def _upload(
         card.save(str(Path(tmp) / MODEL_CARD_NAME))
         if options["evidence"] is not None:
             write_evidence(Path(tmp), options["evidence"], repo_id=repo_id, card_name=MODEL_CARD_NAME)
-        _drop_local_base_paths(Path(tmp) / EXPERTS_DIR)
+        hub_base = base.repo_id if base is not None else None
+        _drop_local_base_paths(Path(tmp) / EXPERTS_DIR, loaded_from=loaded_base_folder(model.model), hub_base=hub_base)
         if branch is not None:
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         return api.upload_folder(
@@ -305,12 +324,21 @@ def _pushed_base_model(model: XLoraModel, repo_id: str, given: str | None, api: 
     return base
 
 
-def _drop_local_base_paths(folder: Path) -> None:
+def _drop_local_base_paths(folder: Path, *, loaded_from: str | None = None, hub_base: str | None = None) -> None:
     """Clear a local ``base_model_name_or_path`` in the peft adapter configs under ``folder`` before they are
-    pushed: peft records the folder the expert was trained on, a path on this machine."""
+    pushed: peft records the folder the expert was trained on, a path on this machine.
+
+    When that folder is the one the mixture's base was loaded from (``loaded_from``: ``base_model`` inside the
+    mixture, as the demo's experts record it) and the base is pushed as ``hub_base``, the expert names that Hub
+    repo instead, so its card files it under the right base and a load does not warn about another base."""
     for path in sorted(folder.rglob(ADAPTER_CONFIG_NAME)) if folder.is_dir() else []:
         data = read_json_object(path)
         value = data.get("base_model_name_or_path")
-        if isinstance(value, str) and value and not is_stored_hub_id(value):
-            data["base_model_name_or_path"] = None
-            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if not isinstance(value, str) or not value or stored_base_hub_id(value, loaded_from=loaded_from):
+            continue
+        same_base = loaded_from is not None and (
+            stored_base_hub_id(value, loaded_from=None) is not None  # a bare name ending the loaded folder
+            or os.path.realpath(os.path.expanduser(value)) == loaded_from
+        )
+        data["base_model_name_or_path"] = hub_base if same_base else None
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
