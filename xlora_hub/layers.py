@@ -39,13 +39,18 @@ class RoutingState:
     top-k, the top-k softmax and the global weight already applied (``None``: experts are skipped,
     which is exactly the base model). Layers with the same experts and ranks share one column
     multiplier per pass, kept in ``multipliers`` until the scalings change.
+
+    ``stacks_fixed`` is set by ``generate`` once every layer's stacked factors are built (and cleared after):
+    the experts cannot change inside one ``generate`` call (no gradients), so the layers skip the check of
+    their source tensors' versions at every step (16 version reads per layer and step).
     """
 
-    __slots__ = ("_scalings", "multipliers")
+    __slots__ = ("_scalings", "multipliers", "stacks_fixed")
 
     def __init__(self, scalings: torch.Tensor | None = None) -> None:
         self._scalings = scalings
         self.multipliers: dict[tuple, torch.Tensor] = {}
+        self.stacks_fixed = False
 
     @property
     def scalings(self) -> torch.Tensor | None:
@@ -280,7 +285,9 @@ class XLoraLinear(XLoraLayer):
         xe = x if x.dtype == dtype else x.to(dtype)
         if self._use_loop():
             return result + self._loop_delta(xe).to(result.dtype)
-        a_t, b_t = self._stacked()
+        # inside generate the stack was built before the first step (RoutingState.stacks_fixed)
+        stack = self._stack.tensors
+        a_t, b_t = stack if stack and self.routing.stacks_fixed else self._stacked()
         h = torch.mm(xe.reshape(-1, xe.shape[-1]), a_t)
         multiplier = self._row_multiplier(dtype, xe)
         # in place when no gradient is recorded (generation, eval): one allocation less per layer
