@@ -125,6 +125,38 @@ def test_linear_without_grad_adds_into_the_base_output_without_copying_it():
     torch.testing.assert_close(last, expected[:, -1:], atol=1e-5, rtol=0)
 
 
+def test_linear_base_layer_hooks_still_run():
+    """The base Linear is computed without its module call only when nothing is hooked on it: a forward hook on
+    it, a pre-hook, or a global hook still runs, in both passes (experts on and off)."""
+    net = _peft_net(5)
+    x = torch.randn(1, 3, 12)
+    scalings = torch.softmax(torch.randn(1, 3, 1, 3), dim=-1)
+    layer = _ours(XLoraLinear, net.proj, scalings, 1.0)
+    with torch.no_grad():
+        plain = layer(x)
+        handles = [
+            layer.base_layer.register_forward_hook(lambda m, a, out: out + 1.0),
+            layer.base_layer.register_forward_pre_hook(lambda m, a: (a[0] * 2.0,)),
+        ]
+        hooked = layer(x)
+        layer.routing.scalings = None
+        hooked_base = layer(x)
+        for handle in handles:
+            handle.remove()
+        layer.routing.scalings = scalings
+        seen = []
+        handle = nn.modules.module.register_module_forward_hook(lambda m, a, out: seen.append(type(m)))
+        try:
+            layer(x)
+        finally:
+            handle.remove()
+    expected = _peft_layer(XLoraLinearLayer, net.proj, 1.0).forward(x, scalings=scalings)
+    torch.testing.assert_close(plain, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hooked_base, net.proj.base_layer(2.0 * x) + 1.0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(hooked - hooked_base, plain - net.proj.base_layer(x), atol=1e-5, rtol=0)
+    assert nn.Linear in seen  # the global hook saw the base layer's call
+
+
 def test_training_mode_dropout_is_per_expert_and_off_in_eval():
     torch.manual_seed(0)
     model = get_peft_model(Net(), LoraConfig(r=4, target_modules=["proj"], lora_dropout=0.5), adapter_name="a")

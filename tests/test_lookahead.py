@@ -196,3 +196,20 @@ def test_unsupported_lookahead_combinations_are_refused(model):
         model(**inputs, cache=filled, use_cache=True)
     with pytest.raises(ValueError, match="starts from an empty cache"):
         model.generate(**inputs, **GREEDY, cache=filled, scaling_lookahead=True)
+
+
+def test_the_4d_mask_is_given_only_where_it_equals_the_models_own():
+    """Look-ahead hands its mask over as 4D (skipping transformers' per-step mask building) only for SDPA with full
+    attention on every layer of a known model type; sliding windows, eager attention and other types keep 2D."""
+    import transformers as tf
+
+    from xlora_hub.lookahead import four_d_mask_ready
+
+    small = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    small |= {"num_attention_heads": 2, "num_key_value_heads": 1}
+    llama = tf.LlamaForCausalLM(tf.LlamaConfig(**small, attn_implementation="sdpa"))
+    eager = tf.LlamaForCausalLM(tf.LlamaConfig(**small, attn_implementation="eager"))
+    sliding = tf.MistralForCausalLM(tf.MistralConfig(**small, sliding_window=4, attn_implementation="sdpa"))
+    full = tf.MistralForCausalLM(tf.MistralConfig(**small, sliding_window=None, attn_implementation="sdpa"))
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32))
+    assert [four_d_mask_ready(m) for m in (llama, eager, sliding, full, gpt2)] == [True, False, False, True, False]

@@ -270,6 +270,24 @@ class Decoder:
             kwargs[self.cache_argument] = past
         for layer in model.xlora_layers:  # built before a compiled step captures them
             layer.prepare_stack()
+        fixed = model.routing.stacks_fixed
+        model.routing.stacks_fixed = True  # no expert changes inside one call: the layers skip their version check
+        try:
+            return self._generate(model, args, kwargs, routing=routing, scaling_lookahead=scaling_lookahead, past=past)
+        finally:
+            model.routing.stacks_fixed = fixed
+
+    def _generate(
+        self,
+        model: XLoraModel,
+        args: tuple,
+        kwargs: dict[str, Any],
+        *,
+        routing: str,
+        scaling_lookahead: bool | str,
+        past: XLoraCache | XLoraStaticCache | None,
+    ):
+        """The decoding loop of :meth:`generate` once the cache is chosen: look-ahead's or transformers' own."""
         if scaling_lookahead:
             if past is None:
                 raise ValueError(

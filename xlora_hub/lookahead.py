@@ -142,6 +142,32 @@ def rows_forward(
     return head(hidden), hidden
 
 
+FOUR_D_MASK_MODELS = ("llama", "mistral", "qwen2", "qwen3")
+"""Model types whose decoder builds its attention mask with ``transformers.masking_utils.create_causal_mask`` (which
+takes a ready 4D mask as it is): with SDPA and full attention in every layer, look-ahead hands them its mask as 4D."""
+
+
+def four_d_mask_ready(model: nn.Module) -> bool:
+    """Whether the joined cache's 2D mask can be given to ``model`` as its 4D boolean mask ``[rows, 1, 1, slots]``.
+
+    With one query token per row that attends to every slot its row has written, the causal mask transformers
+    builds each step from the 2D mask is that 2D mask itself (the static cache's unwritten slots are 0 in it): the
+    same boolean mask, without the mask-building code (padding checks, index expansion) at every step. Only for
+    SDPA attention on model types known to pass a 4D mask through, with no sliding, chunked or bidirectional
+    layers; any other model gets the 2D mask as before.
+    """
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if getattr(text, "model_type", None) not in FOUR_D_MASK_MODELS:
+        return False
+    if getattr(text, "_attn_implementation", None) != "sdpa" or not getattr(text, "is_causal", True):
+        return False
+    if getattr(text, "sliding_window", None) is not None or getattr(text, "attention_chunk_size", None):
+        return False
+    layer_types = getattr(text, "layer_types", None)
+    return layer_types is None or all(kind == "full_attention" for kind in layer_types)
+
+
 class _Mask:
     """The 2D attention mask of the joined cache, one column per slot.
 
@@ -185,6 +211,7 @@ class _Stepper:
         self.xlora = xlora
         self.batch = batch
         self.backbone, self.head = backbone_and_head(xlora.model)
+        self.four_d = four_d_mask_ready(xlora.model)  # eager steps only (see `forward`)
         self.cache_argument = cache_argument(self.backbone)
         config = xlora.xlora_config
         shape = (1, 1, xlora.n_layers if config.layerwise_scalings else 1, xlora.n_experts)
@@ -211,6 +238,8 @@ class _Stepper:
 
         ``step`` is :func:`rows_forward` or its compiled form; the routing is set around it, as tensors it reads.
         """
+        if self.four_d and step is rows_forward:  # a compiled step keeps the 2D mask it was captured with
+            mask = mask[:, None, None, :].bool()
         self.xlora.routing.scalings = routing
         try:
             logits, hidden = step(
