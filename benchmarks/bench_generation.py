@@ -908,16 +908,6 @@ def section_decoding(
 
 
 # ---------------------------------------------------------------------------------------------- demo mixture
-SMALL_DEMO = dict(
-    pretrain_examples=200,
-    pretrain_steps=15,
-    expert_examples=64,
-    expert_steps=6,
-    classifier_examples=16,
-    classifier_epochs=1,
-    batch_size=16,
-)
-"""``--demo-recipe small``: the demo's sizes with a few training steps (what its tests build; seconds, not minutes)."""
 
 
 @dataclass
@@ -952,9 +942,9 @@ def load_demo(args: argparse.Namespace) -> Demo:
     """Build (once, cached) and load the demo mixture, and a separate copy of its base model."""
     from transformers import AutoModelForCausalLM
 
-    from xlora_hub.demo import BASE_MODEL_DIR, DemoRecipe, build_demo_mixture, load_demo_mixture
+    from xlora_hub.demo import BASE_MODEL_DIR, SMALL_RECIPE, build_demo_mixture, load_demo_mixture
 
-    recipe = DemoRecipe(**SMALL_DEMO) if args.demo_recipe == "small" else None
+    recipe = SMALL_RECIPE if args.demo_recipe == "small" else None
     started = time.perf_counter()
     folder = build_demo_mixture(cache_dir=args.demo_cache, recipe=recipe, progress=False)
     ours, tokenizer = load_demo_mixture(cache_dir=args.demo_cache, recipe=recipe, progress=False)

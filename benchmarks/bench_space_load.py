@@ -194,18 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     mixture = args.mixture
     clients = 6 if args.quick else args.clients
     if args.quick and mixture is None:
-        from xlora_hub.demo import DemoRecipe, build_demo_mixture
+        from xlora_hub.demo import SMALL_RECIPE, build_demo_mixture
 
-        small = DemoRecipe(
-            pretrain_examples=200,
-            pretrain_steps=15,
-            expert_examples=64,
-            expert_steps=6,
-            classifier_examples=16,
-            classifier_epochs=1,
-            batch_size=16,
-        )
-        mixture = str(build_demo_mixture(cache_dir=tempfile.mkdtemp(), recipe=small, progress=False))
+        mixture = str(build_demo_mixture(cache_dir=tempfile.mkdtemp(), recipe=SMALL_RECIPE, progress=False))
     prompts = demo_prompts(max(clients, 2))
     queued, batched = load_test(
         mixture,

@@ -23,8 +23,8 @@ from xlora_hub.demo import (
     BUILD_INFO_NAME,
     LORA_TARGETS,
     REFERENCE_WEIGHTS_SHA256,
+    SMALL_RECIPE,
     TASKS,
-    DemoRecipe,
     build_demo_mixture,
     canonicalize_safetensors_header,
     demo_mixture_path,
@@ -36,15 +36,7 @@ from xlora_hub.demo import (
     weights_digest,
 )
 
-SMALL = DemoRecipe(
-    pretrain_examples=200,
-    pretrain_steps=15,
-    expert_examples=64,
-    expert_steps=6,
-    classifier_examples=16,
-    classifier_epochs=1,
-    batch_size=16,
-)
+SMALL = SMALL_RECIPE
 
 
 # The recorded build (seed 0, n_per_task=100): per task, the mixture's and its own expert's exact match

@@ -63,6 +63,7 @@ from .recipe import (
     LORA_TARGETS,
     RECIPE,
     REFERENCE_WEIGHTS_SHA256,
+    SMALL_RECIPE,
     DemoRecipe,
 )
 from .tasks import TASKS, make_task_example, make_task_examples, pretraining_data
@@ -77,6 +78,7 @@ __all__ = [
     "KERNEL_ENV",
     "LORA_TARGETS",
     "RECIPE",
+    "SMALL_RECIPE",
     "REFERENCE_WEIGHTS_SHA256",
     "TASKS",
     "DemoRecipe",

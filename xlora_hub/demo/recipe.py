@@ -46,12 +46,25 @@ class DemoRecipe:
 
 RECIPE = DemoRecipe()
 
+SMALL_RECIPE = DemoRecipe(
+    pretrain_examples=200,
+    pretrain_steps=15,
+    expert_examples=64,
+    expert_steps=6,
+    classifier_examples=16,
+    classifier_epochs=1,
+    batch_size=16,
+)
+"""A build of a few seconds with the demo's layout and file set but no quality: for tests and quick benchmark
+runs that need a demo folder, not a demo that works."""
+
 __all__ = [
     "BASE_MODEL_DIR",
     "DEMO_VERSION",
     "EXPERTS_DIR",
     "LORA_TARGETS",
     "RECIPE",
+    "SMALL_RECIPE",
     "REFERENCE_WEIGHTS_SHA256",
     "DemoRecipe",
 ]
